@@ -1,0 +1,284 @@
+"""What every tower shares: the ``Tower`` base class, layer grouping, locking, fingerprints.
+
+A tower wraps one backbone (``self.model``) and exposes the contract of ARCHITECTURE.md.
+Layers are described by *parameter-name groups* (bottom to top) and turned into
+``LayerGroup`` views, so a "layer" may be a block (``blocks.3.1``) as well as a loose set of
+modules and root-level parameters (a ViT stem: ``conv1`` + ``class_embedding`` + ...).
+
+Locking (LiT): ``lock(n)`` freezes every parameter except those of the top ``n`` layers and
+pins the locked part in eval mode, so a locked tower inside a model in ``train()`` mode
+computes exactly what the frozen backbone computes in ``eval()`` mode: no dropout, and
+BatchNorm running statistics are never updated (BatchNorm stays in eval mode even inside
+unlocked layers, LiT style).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from clipkit.registry import Registry
+
+log = logging.getLogger(__name__)
+
+TOWERS = Registry("tower")
+
+# Matcher in timm's ``group_matcher()`` format: {group: regex | [(regex, suffix), ...]}.
+Matcher = dict[str, Any] | Callable[[str], Any]
+
+
+class LayerGroup(nn.Module):
+    """A view over the modules and loose parameters forming one layer.
+
+    Built on demand by ``Tower.layers()`` and never registered inside the tower, so it
+    adds no entries to ``state_dict()`` and cannot go stale after ``.to(device)``.
+    """
+
+    def __init__(self, name: str, modules: list[nn.Module], params: list[nn.Parameter]):
+        super().__init__()
+        self.group_name = name
+        for i, m in enumerate(modules):
+            self.add_module(f"m{i}", m)
+        for i, p in enumerate(params):
+            self.register_parameter(f"p{i}", p)
+
+    def extra_repr(self) -> str:
+        return self.group_name
+
+
+class Tower(nn.Module):
+    """Base class. Subclasses set ``self.model``, ``out_dim``, ``spec`` and implement ``forward``."""
+
+    modality: str = "vision"
+    deterministic_transform: bool = True
+
+    def __init__(self, spec: str, modality: str):
+        super().__init__()
+        self.spec = spec  # "timm:tf_efficientnet_lite0", ...; part of the fingerprint
+        self.modality = modality
+        self.out_dim = 0
+        self.locked = False
+        self.unlocked_layers = 0
+        self._fingerprint_extra = ""  # transform / tokenizer settings that change the features
+
+    # ------------------------------------------------------------------ per-tower hooks
+    def param_groups(self) -> list[list[str]]:
+        """Parameter names of ``self.model`` grouped into layers, bottom to top."""
+        raise NotImplementedError
+
+    def transform(self, train: bool) -> Callable[[Any], Tensor]:
+        raise TypeError(f"{self.spec} is a {self.modality} tower; it has no image transform")
+
+    def tokenize(self, texts: list[str]) -> Tensor:
+        raise TypeError(f"{self.spec} is a {self.modality} tower; it has no tokenizer")
+
+    # ------------------------------------------------------------------ layers and locking
+    def layers(self) -> list[nn.Module]:
+        """Bottom-to-top blocks (``LayerGroup`` views over ``self.model``)."""
+        return groups_to_layers(self.model, self.param_groups())
+
+    def lock(self, unlocked_layers: int = 0) -> None:
+        """Freeze all parameters but those of the top ``unlocked_layers`` layers (LiT)."""
+        layers = self.layers()
+        if not 0 <= unlocked_layers <= len(layers):
+            raise ValueError(
+                f"{self.spec}: unlocked_layers={unlocked_layers} but the tower has {len(layers)} layers "
+                f"({', '.join(layer.group_name for layer in layers)})"
+            )
+        top = layers[len(layers) - unlocked_layers :]
+        keep = {id(p) for layer in top for p in layer.parameters()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in keep)
+        self.locked = True
+        self.unlocked_layers = unlocked_layers
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Tower:
+        super().train(mode)
+        if self.locked:
+            _pin_locked_modules(self, self.layers(), self.unlocked_layers, mode)
+        return self
+
+    # ------------------------------------------------------------------ feature-cache key
+    def fingerprint(self) -> str:
+        """sha256 of the spec, the transform/tokenizer settings and every parameter and buffer."""
+        h = hashlib.sha256(f"{self.spec}|{self._fingerprint_extra}".encode())
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def extra_repr(self) -> str:
+        lock = f", locked (top {self.unlocked_layers} unlocked)" if self.locked else ""
+        return f"{self.spec}, out_dim={self.out_dim}{lock}"
+
+
+def _pin_locked_modules(tower: Tower, layers: list[LayerGroup], n_unlocked: int, mode: bool) -> None:
+    """Put everything outside the top ``n_unlocked`` layers (and all BatchNorms) in eval mode.
+
+    Ancestors of unlocked layers (the backbone root, containers) keep ``mode``; modules
+    outside every layer (e.g. a pooling head without parameters) count as locked.
+    """
+    live = {id(m) for layer in layers[len(layers) - n_unlocked :] for m in layer.modules()}
+    named = list(tower.named_modules())
+    live_names = [name for name, m in named if id(m) in live]
+    for name, m in named:
+        if id(m) in live:
+            m.training = mode and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+        elif (name == "" and live_names) or any(ln.startswith(name + ".") for ln in live_names):
+            m.training = mode  # an ancestor of an unlocked layer
+        else:
+            m.training = False
+
+
+# ---------------------------------------------------------------------------- grouping helpers
+
+
+def group_names(names: Iterable[str], matcher: Matcher) -> list[list[str]]:
+    """Group parameter names with a timm-style matcher, bottom to top.
+
+    Unlike ``timm.models.group_parameters`` this never merges a ``(99999,)``-suffixed group
+    (e.g. EfficientNet's ``conv_head``/``bn2``) into the last block: the head stays its own
+    layer. Names no pattern matches form the top group.
+    """
+    if isinstance(matcher, dict):
+        compiled = []
+        for ordinal, spec in enumerate(matcher.values()):
+            if spec is None:
+                continue
+            specs = spec if isinstance(spec, (list, tuple)) else [(spec, None)]
+            compiled += [(re.compile(rx), (ordinal,), suffix) for rx, suffix in specs]
+
+        def key(name: str) -> tuple[float, ...]:
+            for rx, prefix, suffix in compiled:
+                m = rx.match(name)
+                if m:
+                    parts = [prefix, tuple(int(g) for g in m.groups() if g is not None), suffix or ()]
+                    return tuple(float(x) for part in parts for x in part)
+            return (math.inf,)
+    else:
+
+        def key(name: str) -> tuple[float, ...]:
+            k = matcher(name)
+            return tuple(float(x) for x in k) if isinstance(k, Iterable) else (float(k),)
+
+    groups: dict[tuple[float, ...], list[str]] = {}
+    for name in names:
+        groups.setdefault(key(name), []).append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def groups_to_layers(root: nn.Module, groups: list[list[str]]) -> list[LayerGroup]:
+    """Turn parameter-name groups into ``LayerGroup`` views over ``root``.
+
+    Each group takes the largest submodules whose parameters all belong to it (so their
+    parameter-free children, e.g. dropout, come along) plus any loose parameters.
+    """
+    owner = {name: gi for gi, names in enumerate(groups) for name in names}
+    mods: list[list[nn.Module]] = [[] for _ in groups]
+    taken: list[str] = []
+    for mname, m in root.named_modules():
+        if not mname or any(mname.startswith(t + ".") for t in taken):
+            continue
+        gids = {owner.get(f"{mname}.{pn}") for pn, _ in m.named_parameters()}
+        if len(gids) == 1 and None not in gids:
+            mods[gids.pop()].append(m)
+            taken.append(mname)
+    params: list[list[nn.Parameter]] = [[] for _ in groups]
+    for pname, p in root.named_parameters():
+        if pname in owner and not any(pname.startswith(t + ".") for t in taken):
+            params[owner[pname]].append(p)
+    names = [_group_label(g) for g in groups]
+    return [LayerGroup(n, m, p) for n, m, p in zip(names, mods, params)]
+
+
+def _group_label(names: list[str]) -> str:
+    """'blocks.3.1' for one block, 'conv_stem+bn1' for loose modules."""
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    if common:
+        return ".".join(common)
+    return "+".join(dict.fromkeys(n.split(".")[0] for n in names))
+
+
+def split_around_blocks(names: list[str], block_prefix: str, before: set[str]) -> list[list[str]]:
+    """[params in ``before`` top-level modules] + [one group per block] + [the rest].
+
+    For backbones whose blocks live in one ``nn.ModuleList`` at ``block_prefix``
+    (``encoder.layer`` in BERT); empty groups are dropped.
+    """
+    rx = re.compile(rf"^{re.escape(block_prefix)}\.(\d+)\.")
+    bottom: list[str] = []
+    blocks: dict[int, list[str]] = {}
+    top: list[str] = []
+    for name in names:
+        m = rx.match(name)
+        if m:
+            blocks.setdefault(int(m.group(1)), []).append(name)
+        elif name.split(".", 1)[0] in before:
+            bottom.append(name)
+        else:
+            top.append(name)
+    return [g for g in [bottom, *(blocks[i] for i in sorted(blocks)), top] if g]
+
+
+# ---------------------------------------------------------------------------- weights files
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from a local ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` file.
+
+    Unwraps the usual ``{"state_dict": ...}`` / ``{"model": ...}`` containers and a
+    ``module.`` prefix left by DDP.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file '{path}' not found; weights must be a local file, 'bundled' or '' (random)"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"weights file '{path}' does not hold a state dict (got {type(sd).__name__})")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def convert_to_rgb(image: Any) -> Any:
+    """PIL image -> RGB (a module-level function so transforms pickle into loader workers)."""
+    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+
+
+def image_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...], augment: bool = False) -> Any:
+    """PIL -> (3, size, size) float tensor: shorter side to ``size`` (bicubic), center crop, normalize.
+
+    ``augment`` swaps resize + crop for ``RandomResizedCrop(scale=(0.9, 1))`` (open_clip's
+    train-time crop); without it the transform is deterministic, so features are cacheable.
+    """
+    from torchvision import transforms as T
+
+    bicubic = T.InterpolationMode.BICUBIC
+    if augment:
+        geometry = [T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=bicubic)]
+    else:
+        geometry = [T.Resize(size, interpolation=bicubic), T.CenterCrop(size)]
+    return T.Compose([convert_to_rgb, *geometry, T.ToTensor(), T.Normalize(mean, std)])

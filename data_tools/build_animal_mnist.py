@@ -54,14 +54,16 @@ BUILD_INFO = "build_info.json"
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     # The files are plain numpy arrays; refuse any other global so a tampered file
     # cannot run code.
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201
+    def find_class(self, module: str, name: str) -> object:
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from Animal-MNIST data")
         return super().find_class(module, name)
@@ -101,7 +103,10 @@ def _is_complete(out: Path, params: dict) -> dict | None:
     info_path = out / BUILD_INFO
     if not info_path.is_file():
         return None
-    info = json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError:
+        return None
     sizes = read_sizes(out / "test")
     if info.get("params") != params or sum(sizes.values()) != info["counts"]["test"]:
         return None
@@ -118,6 +123,7 @@ def build(out_dir: str | Path, shard_size: int = 1000, seed: int = 0) -> dict[st
     done = _is_complete(out, params)
     if done is not None:
         return done
+    (out / BUILD_INFO).unlink(missing_ok=True)  # incomplete until written again at the end
     images, labels = load_arrays()
     order = np.random.default_rng(seed).permutation(len(images))
     with ShardWriter(out / "test", prefix="", maxcount=shard_size, digits=0) as writer:
@@ -134,12 +140,16 @@ def build(out_dir: str | Path, shard_size: int = 1000, seed: int = 0) -> dict[st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="data/animal_mnist", help="output folder (default: data/animal_mnist)")
+    parser.add_argument(
+        "--out", default="data/animal_mnist", help="output folder (default: data/animal_mnist)"
+    )
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample order")
     args = parser.parse_args(argv)
     counts = build(args.out, args.shard_size, args.seed)
-    print(f"animal_mnist: {counts['test']} test samples in {counts['test_shards']} shards under {args.out}/test")
+    print(
+        f"animal_mnist: {counts['test']} test samples in {counts['test_shards']} shards under {args.out}/test"
+    )
 
 
 if __name__ == "__main__":

@@ -85,12 +85,17 @@ def _is_complete(out: Path, params: dict) -> dict | None:
     info_path = out / BUILD_INFO
     if not info_path.is_file():
         return None
-    info = json.loads(info_path.read_text())
-    if info.get("params") != params:
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if info.get("params") != params or not (out / "dataset_type.txt").is_file():
         return None
     for split in ("train", "val"):
         sizes = read_sizes(out / split)
-        if sum(sizes.values()) != info["counts"][split] or not all((out / split / n).is_file() for n in sizes):
+        if sum(sizes.values()) != info["counts"][split] or not all(
+            (out / split / n).is_file() for n in sizes
+        ):
             return None
     return info["counts"]
 
@@ -116,12 +121,15 @@ def build(out_dir: str | Path, val_fraction: float = 0.1, shard_size: int = 500)
     done = _is_complete(out, params)
     if done is not None:
         return done
+    (out / BUILD_INFO).unlink(missing_ok=True)  # incomplete until written again at the end
     pairs = sorted(emoji_pairs(), key=lambda p: _key_hash(p[0]))  # hash order mixes shards
     val = [p for p in pairs if _key_hash("split:" + p[0]) < val_fraction]
     train = [p for p in pairs if _key_hash("split:" + p[0]) >= val_fraction]
     counts = {"train": len(train), "val": len(val)}
     counts["train_shards"] = _write_split(out / "train", train, shard_size)
     counts["val_shards"] = _write_split(out / "val", val, shard_size)
+    # Also a CLIP_benchmark retrieval set: `clipkit eval --retrieval data/emoji:val`.
+    atomic_write_text(out / "dataset_type.txt", "retrieval\n")
     # Written last: its presence (with matching sizes.json) marks the build complete.
     atomic_write_text(out / BUILD_INFO, json.dumps({"params": params, "counts": counts}, indent=1))
     return counts

@@ -76,3 +76,18 @@ def test_every_shipped_recipe_loads():
     assert recipes, "no recipes in train/"
     for recipe in recipes:
         load_config(recipe)
+
+
+def test_partial_section_keeps_enclosing_defaults():
+    cfg = load_config(None, ["model.vision.locked=true"])
+    assert cfg.model.vision.name == Config().model.vision.name != ""
+    assert cfg.model.vision.locked is True
+    assert cfg.model.text == Config().model.text
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    # PyYAML (YAML 1.1) parses "1e-6" as a string; users type it all the time.
+    cfg = load_config(None, ["optim.eps=1e-6", "optim.lr=3e-4"])
+    assert cfg.optim.eps == 1e-6 and cfg.optim.lr == 3e-4
+    with pytest.raises(ConfigError, match="optim.eps' must be float"):
+        load_config(None, ["optim.eps=tiny"])

@@ -139,6 +139,7 @@ def test_train_drops_partial_batches_only(good):
     spec, keys = good
     batches = epoch_batches(spec, cfg(batch_size=5), train=True)
     assert all(len(b["key"]) == 5 for b in batches) and len(batches) == 19
+    assert len(set(keys_of(batches))) == 95 and set(keys_of(batches)) < set(keys)  # 1 left over
 
 
 def test_train_order_is_deterministic_and_seeded(good):
@@ -154,6 +155,22 @@ def test_train_order_is_deterministic_and_seeded(good):
     assert keys_of(epoch_batches(spec, c0, train=True, seed=3)) == keys_of(
         epoch_batches(spec, c0, train=True, seed=3)
     )
+
+
+def test_shard_order_is_shuffled_by_seed_and_epoch(good):
+    spec, keys = good
+    c = cfg(shuffle_buffer=0)  # buffer off: samples come in whole shards
+
+    def shard_order(**kw) -> list[int]:
+        got = keys_of(epoch_batches(spec, c, train=True, **kw))
+        blocks = [got[i : i + 12] for i in range(0, 96, 12)]
+        assert all(b == keys[int(b[0][1:]) : int(b[0][1:]) + 12] for b in blocks)  # shards intact
+        return [int(b[0][1:]) // 12 for b in blocks]
+
+    order = shard_order(seed=1)
+    assert sorted(order) == list(range(8)) and order != list(range(8))
+    assert shard_order(seed=1) == order
+    assert shard_order(seed=2) != order and shard_order(seed=1, epoch=1) != order
 
 
 def test_shuffle_buffer_is_a_permutation():
@@ -290,8 +307,9 @@ def test_pipe_urls_are_read(good):
     first = expand_urls(spec)[0]
     batches = epoch_batches(f"pipe:cat {first}", cfg())
     assert keys_of(batches) == keys[:12] and skipped(batches) == {}
-    failing = epoch_batches(f"pipe:cat {first}.missing", cfg())
-    assert keys_of(failing) == [] or skipped(failing)
+    # A failing command yields no sample; with no batch to carry the count, it is warned.
+    with pytest.warns(UserWarning, match=r"no usable batch .* skipped \{'unreadable_shard': 1\}"):
+        assert epoch_batches(f"pipe:cat {first}.missing", cfg()) == []
 
 
 # ---------------------------------------------------------------------------- feature cache path
@@ -309,14 +327,16 @@ class Lookup:
 
 
 def test_feature_lookup_replaces_images_without_decoding(good, tmp_path):
-    spec, keys = good
+    _, keys = good
     # Images here are garbage: a decode would count decode_error, the feature path must not.
     with ShardWriter(tmp_path, prefix="f", maxcount=100) as w:
         for k in keys[:10]:
             w.write({"__key__": k, "jpg": b"not decoded", "txt": "caption"})
     lookup = Lookup(keys[:9])  # the last key has no cached feature
     batches = list(
-        build_loader(cfg(), str(tmp_path / "f-000000.tar"), None, tokenize, train=False, seed=0, feature_lookup=lookup)
+        build_loader(
+            cfg(), str(tmp_path / "f-000000.tar"), None, tokenize, train=False, seed=0, feature_lookup=lookup
+        )
     )
     b = batches[0]
     assert list(b) == ["image_features", "text", "key", "idx", "skipped"]
@@ -332,3 +352,37 @@ def test_draft_size_is_inferred_only_for_deterministic_resizes():
     assert draft_size_of(T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor()])) == 224
     assert draft_size_of(T.Compose([T.RandomResizedCrop(224), T.ToTensor()])) is None
     assert draft_size_of(transform) is None
+
+
+def test_duplicate_member_is_counted(tmp_path):
+    import tarfile
+
+    path = tmp_path / "dup.tar"
+    with tarfile.open(path, "w") as tf:
+        for name, data in [
+            ("a.png", png(1)),
+            ("a.txt", b"one"),
+            ("a.txt", b"two"),
+            ("b.png", png(2)),
+            ("b.txt", b"ok"),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    batches = epoch_batches(str(path), cfg())
+    assert keys_of(batches) == ["b"] and skipped(batches) == {"duplicate_member": 1}
+    assert batches[0]["idx"].tolist() == [-1]  # no idx member: -1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"on_error": "ignore"}, "data.on_error must be 'skip' or 'raise'"),
+        ({"batch_size": 0}, "data.batch_size must be >= 1"),
+        ({"workers": -1}, "data.workers must be >= 0"),
+    ],
+)
+def test_bad_settings_fail_before_reading(good, change, message):
+    spec, _ = good
+    with pytest.raises(ValueError, match=message):
+        build_loader(cfg(**change), spec, transform, tokenize, train=False, seed=0)

@@ -106,7 +106,7 @@ def test_killed_writer_leaves_no_file_named_like_a_complete_shard(tmp_path):
             w.write({{"__key__": f"k{{i}}", "txt": "caption " * 200}})
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False)
     assert proc.returncode == -9, proc.stderr.decode()
     shards = sorted(p.name for p in tmp_path.glob("train-*.tar"))
     assert shards == ["train-000000.tar"]
@@ -179,7 +179,11 @@ def test_reader_handles_pax_long_names_gzip_and_skipping(tmp_path):
     long_key = "d/" + "x" * 150
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in [(f"{long_key}.txt", b"hello"), (f"{long_key}.jpg", b"J" * 700), ("short.txt", b"x")]:
+        for name, data in [
+            (f"{long_key}.txt", b"hello"),
+            (f"{long_key}.jpg", b"J" * 700),
+            ("short.txt", b"x"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))

@@ -164,7 +164,7 @@ def test_missing_templates_file(tmp_path):
         _ = ClipBenchmarkWds(root).templates
 
 
-@pytest.mark.parametrize("bad", ["a photo of a dog.", "a {} photo of {c}", "a {c} of {size}"])
+@pytest.mark.parametrize("bad", ["a photo of a dog.", "a {} photo of {c}", "a {c} of {size}", "a {{c}}"])
 def test_template_without_placeholder_names_the_line(tmp_path, bad):
     root = classification_layout(tmp_path)
     (root / "zeroshot_classification_templates.txt").write_text(f"a photo of {{c}}.\n\n{bad}\n")

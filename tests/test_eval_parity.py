@@ -5,6 +5,10 @@ The reference reads the shards with webdataset exactly as CLIP_benchmark's
 ``zero_shot_classifier`` / ``run_classification`` / ``zeroshot_retrieval.evaluate``'s
 formulas on the raw open_clip model. clipkit's drivers see the same model through the
 DualEncoder API, with ``alpha="drop"`` (CLIP_benchmark's decoding).
+
+Embeddings are compared to ~1 ulp, not bitwise: the same batch through the same model
+can differ in the last bit between two calls on CPU (BLAS kernels depend on buffer
+alignment), for the reference as much as for clipkit.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from test_eval_metrics import clipbench_retrieval, clipbench_zeroshot
 
 from clipkit.evaluation import (
     ClipBenchmarkWds,
+    build_classifier,
     evaluate_retrieval,
     evaluate_zeroshot,
     write_clip_benchmark_wds,
 )
+from clipkit.evaluation.retrieval import embed_retrieval
+from clipkit.evaluation.zeroshot import zeroshot_logits
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -103,7 +110,11 @@ def test_zeroshot_equals_clip_benchmark_pipeline(tmp_path, tiny_clip):
     want = clipbench_zeroshot(torch.cat(logits), torch.cat(target))
 
     model = OpenClipAdapter(clip, tokenizer, transform)
-    got = evaluate_zeroshot(model, ClipBenchmarkWds(tmp_path, alpha="drop"), batch_size=BATCH)
+    ds = ClipBenchmarkWds(tmp_path, alpha="drop")
+    ours = zeroshot_logits(model, ds, build_classifier(model, CLASSNAMES, TEMPLATES), batch_size=BATCH)
+    torch.testing.assert_close(ours[0], torch.cat(logits), rtol=0, atol=1e-4)
+    assert torch.equal(ours[1], torch.cat(target))
+    got = evaluate_zeroshot(model, ds, batch_size=BATCH)
     assert list(got) == list(want)
     for k, value in want.items():
         assert got[k] == pytest.approx(value, abs=1e-12), k
@@ -134,7 +145,12 @@ def test_retrieval_equals_clip_benchmark_pipeline(tmp_path, tiny_clip):
     want = clipbench_retrieval(torch.cat(images), torch.cat(texts), torch.tensor(t2i), ks, batch=BATCH)
 
     model = OpenClipAdapter(clip, tokenizer, transform)
-    got = evaluate_retrieval(model, ClipBenchmarkWds(tmp_path, alpha="drop"), batch_size=BATCH, ks=ks)
+    ds = ClipBenchmarkWds(tmp_path, alpha="drop")
+    ours = embed_retrieval(model, ds, batch_size=BATCH)
+    torch.testing.assert_close(ours[0], torch.cat(images), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[1], torch.cat(texts), rtol=0, atol=1e-6)
+    assert ours[2].tolist() == t2i
+    got = evaluate_retrieval(model, ds, batch_size=BATCH, ks=ks)
     assert list(got) == list(want)
     for k, value in want.items():
         assert got[k] == pytest.approx(value, abs=1e-6), k  # CLIP_benchmark averages in float32

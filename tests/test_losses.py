@@ -147,6 +147,12 @@ def test_build_loss_from_config_checks_args():
         build_loss(LossConfig(name="clip", args={"label_smothing": 0.1}))
 
 
+def test_build_loss_names_a_missing_required_option():
+    with pytest.raises(TypeError, match=r"loss 'sogclr' needs option 'num_samples'.*loss.args.num_samples"):
+        build_loss(LossConfig(name="sogclr"))
+    assert build_loss(LossConfig(name="sogclr", args={"num_samples": 10})).num_samples == 10
+
+
 def test_siglip_without_bias_says_how_to_get_one():
     out, _ = make_inputs()
     del out["logit_bias"]

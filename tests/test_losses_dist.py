@@ -44,17 +44,33 @@ CASES = {
     "clip_local_nograd": ("clip", {"local_loss": True, "gather_with_grad": False}),
     "siglip": ("siglip", {}),
 }
+# The zoo gathers with gradient and scores the global batch: checked against one process only.
+ZOO = {
+    "dclw": ("dclw", {}),
+    "cwcl": ("cwcl", {}),
+    "clip_unif_align": ("clip_unif_align", {"cross_uniform_weight": 0.5}),
+    "mv_infonce": ("mv_infonce", {}),
+    "sogclr": ("sogclr", {"num_samples": 16, "temperature": 0.2}),
+    "isogclr": ("isogclr", {"num_samples": 16}),
+}
 
 
-def global_inputs() -> dict[str, torch.Tensor]:
+def global_inputs() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     n = WORLD * B
-    return {
+    out = {
         "image_emb": F.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=-1),
         "text_emb": F.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=-1),
         "logit_scale": torch.tensor(7.0, dtype=torch.float64),
         "logit_bias": torch.tensor(-1.5, dtype=torch.float64),
+        "image_tower_features": torch.randn(n, 4, generator=g, dtype=torch.float64),
     }
+    # Sample 3 has two captions, one on each rank (mv_infonce groups across ranks).
+    return out, {"idx": torch.tensor([3, 11, 0, 7, 3, 9])}
+
+
+def rank_slice(tree: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    return {k: v[rank * B : (rank + 1) * B] if v.dim() else v for k, v in tree.items()}
 
 
 def open_clip_loss(name: str, args: dict, rank: int) -> torch.nn.Module:
@@ -63,13 +79,16 @@ def open_clip_loss(name: str, args: dict, rank: int) -> torch.nn.Module:
     return oc.SigLipLoss(rank=rank, world_size=WORLD, dist_impl="gather")
 
 
-def run(loss: torch.nn.Module, out: dict, use_open_clip: bool) -> dict[str, torch.Tensor]:
+def run(loss: torch.nn.Module, out: dict, batch: dict, use_open_clip: bool = False) -> dict:
+    for k in KEYS:
+        out[k].requires_grad_()
     if use_open_clip:
         value = loss(out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"])
     else:
-        value = loss(out)["loss"]
+        value = loss(out, batch)["loss"]
     gs = torch.autograd.grad(value, [out[k] for k in KEYS], allow_unused=True)
-    return {"loss": value.detach(), **{k: g for k, g in zip(KEYS, gs)}}
+    state = {} if use_open_clip else {k: v.clone() for k, v in loss.state_dict().items()}
+    return {"loss": value.detach(), **{k: g for k, g in zip(KEYS, gs)}, "state": state}
 
 
 def worker(rank: int, port: int, folder: str) -> None:
@@ -79,14 +98,11 @@ def worker(rank: int, port: int, folder: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         results = {}
-        for case, (name, args) in CASES.items():
-            for impl in ("ours", "open_clip"):
-                out = global_inputs()
-                for k in ("image_emb", "text_emb"):  # this rank's slice of the global batch
-                    out[k] = out[k][rank * B : (rank + 1) * B]
-                out = {k: v.requires_grad_() for k, v in out.items()}
+        for case, (name, args) in {**CASES, **ZOO}.items():
+            for impl in ("ours", "open_clip") if case in CASES else ("ours",):
+                out, batch = (rank_slice(t, rank) for t in global_inputs())
                 loss = LOSSES.build(name, **args) if impl == "ours" else open_clip_loss(name, args, rank)
-                results[case, impl] = run(loss, out, impl == "open_clip")
+                results[case, impl] = run(loss, out, batch, impl == "open_clip")
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -106,9 +122,9 @@ def test_two_process_gather(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
-    for case, (name, args) in CASES.items():
+    for case, (name, args) in {**CASES, **ZOO}.items():
         # 1. Rank by rank, the same loss and gradients as open_clip with the same options.
-        for r in range(WORLD):
+        for r in range(WORLD if case in CASES else 0):
             ours, ref = per_rank[r][case, "ours"], per_rank[r][case, "open_clip"]
             for k in ("loss",) + KEYS:
                 if k == "logit_bias" and ref[k] is None:
@@ -116,24 +132,23 @@ def test_two_process_gather(tmp_path):
                 check(ours[k], ref[k], f"{case} rank {r} {k} vs open_clip")
 
         # 2. With gather_with_grad: the single-process loss over the concatenated batch.
-        full = {k: v.clone().requires_grad_() for k, v in global_inputs().items()}
-        single = run(LOSSES.build(name), full, use_open_clip=False)
-        mean = {
-            k: sum(per_rank[r][case, "ours"][k] for r in range(WORLD)) / WORLD for k in ("loss",) + KEYS[2:]
-        }
+        single = run(LOSSES.build(name, **args), *global_inputs())
+        got = [per_rank[r][case, "ours"] for r in range(WORLD)]
         if args.get("gather_with_grad", True):
             for k in ("loss",) + KEYS[2:]:
-                check(mean[k], single[k], f"{case} rank-mean {k} vs single process")
+                if single[k] is not None:
+                    mean = sum(g[k] for g in got) / WORLD
+                    check(mean, single[k], f"{case} rank-mean {k} vs single process")
             for r in range(WORLD):
                 for k in KEYS[:2]:
                     want = WORLD * single[k][r * B : (r + 1) * B]
-                    got = per_rank[r][case, "ours"][k]
-                    check(got, want, f"{case} rank {r} {k} vs single process")
+                    check(got[r][k], want, f"{case} rank {r} {k} vs single process")
+                for k, v in single["state"].items():  # per-sample state stays in sync across ranks
+                    check(got[r]["state"][k], v, f"{case} rank {r} state {k} vs single process")
         elif not args["local_loss"]:
             # Documented open_clip behaviour without gather_with_grad: each rank gets the
             # global loss and its unscaled gradient, i.e. 1/WORLD of the gathered version.
             for r in range(WORLD):
-                got = per_rank[r][case, "ours"]
-                torch.testing.assert_close(got["loss"], single["loss"])
+                check(got[r]["loss"], single["loss"], f"{case} rank {r} loss")
                 for k in KEYS[:2]:
-                    torch.testing.assert_close(got[k], single[k][r * B : (r + 1) * B])
+                    check(got[r][k], single[k][r * B : (r + 1) * B], f"{case} rank {r} {k}")

@@ -52,7 +52,10 @@ def timm_classifier_with_copied_weights():
     src = [(k, v) for k, v in bundled_effnet_lite0_state_dict().items() if "num_batches_tracked" not in k]
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     dst = [k for k in model.state_dict() if "num_batches_tracked" not in k]
-    assert [k for k, _ in src][-2:] == ["_fc.weight", "_fc.bias"] and dst[-2:] == ["classifier.weight", "classifier.bias"]
+    assert [k for k, _ in src][-2:] == ["_fc.weight", "_fc.bias"] and dst[-2:] == [
+        "classifier.weight",
+        "classifier.bias",
+    ]
     model.load_state_dict({d: v for d, (_, v) in zip(dst, src)}, strict=False)
     return model.eval()
 
@@ -92,7 +95,9 @@ def test_locked_tower_in_train_mode_is_the_frozen_eval_model(images):
     cfg = ModelConfig(vision=vision, text=TowerConfig(name="open_clip:clipkit-tiny-ViT", context_length=16))
     model = build_model(cfg).train()
     reference = copy.deepcopy(model.vision.model).eval()  # unmodified timm model, eval mode
-    bn_before = {k: v.clone() for k, v in model.vision.state_dict().items() if "running" in k or "batches" in k}
+    bn_before = {
+        k: v.clone() for k, v in model.vision.state_dict().items() if "running" in k or "batches" in k
+    }
     x = torch.stack(list(images.values()))
     feats = model.tower_features(x)
     model.encode_image(image=x).sum().backward()  # a training step's forward/backward
@@ -114,7 +119,9 @@ def test_unlocked_top_layers_train_but_their_batchnorm_stays_frozen(images):
     layers = tower.layers()
     assert [layer.group_name for layer in layers[-2:]] == ["blocks.6.0", "conv_head+bn2"]
     trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("model.blocks.6.", "model.conv_head", "model.bn2")) for n in trainable)
+    assert trainable and all(
+        n.startswith(("model.blocks.6.", "model.conv_head", "model.bn2")) for n in trainable
+    )
     assert {n for n in trainable if n.startswith("model.bn2")} == {"model.bn2.weight", "model.bn2.bias"}
     bns = [m for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and not any(m.training for m in bns)

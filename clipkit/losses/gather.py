@@ -100,3 +100,23 @@ def local_offset(n: int) -> int:
     """Row of this rank's first sample in the gathered global batch (``rank * n``)."""
     rank, _ = dist_info()
     return rank * n
+
+
+def ring_exchange(x: torch.Tensor) -> torch.Tensor:
+    """Send ``x`` to the next rank and return the previous rank's (ring order, no autograd).
+
+    The neighbour exchange of ``siglip_tiled(dist_impl="ring")``: after ``k`` calls a rank
+    holds the tensor of rank ``rank - k`` (mod world size). All ranks must call it together
+    with tensors of the same shape. Identity when not distributed.
+    """
+    rank, world = dist_info()
+    if world == 1:
+        return x
+    received = torch.empty_like(x)
+    ops = [
+        dist.P2POp(dist.isend, x.contiguous(), (rank + 1) % world),
+        dist.P2POp(dist.irecv, received, (rank - 1) % world),
+    ]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return received

@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clipkit.losses.base import LOSSES, pair, sample_ids, upcast
@@ -45,20 +44,23 @@ class MultiViewInfoNceLoss(nn.Module):
         x, y = gather_features(upcast(img), upcast(txt))  # (N, D)
         groups = all_gather_cat(ids, with_grad=False)  # (N,)
         logits = scale * x @ y.T  # (N, N): image rows, text columns
-        _, member = torch.unique(groups, return_inverse=True)
-        inside = F.one_hot(member).T.bool()  # (G, N): row r belongs to instance G
-        same = member[:, None] == member[None, :]  # (N, N): r, c in one instance
+        _, member = torch.unique(groups, return_inverse=True)  # (N,) instance of each row
+        n_inst = int(member.max()) + 1
+        same = member[:, None] == member[None, :]  # (N, N): image r and caption c of one instance
         # log sum over the instance's image-caption pairs, via per-image-row partial sums
         pos_rows = torch.logsumexp(logits.masked_fill(~same, -math.inf), dim=1)  # (N,)
-        pos = _masked_lse(pos_rows, inside)  # (G,)
-        # energy: all interactions of the instance's images (rows) and captions (columns)
-        energy = _masked_lse(
-            torch.cat([logits.logsumexp(dim=1), logits.logsumexp(dim=0)]), inside.repeat(1, 2)
-        )
+        pos = _group_lse(pos_rows, member, n_inst)  # (G,)
+        # energy: every interaction of the instance's images (rows) and captions (columns)
+        energy_parts = torch.cat([logits.logsumexp(dim=1), logits.logsumexp(dim=0)])  # (2N,)
+        energy = _group_lse(energy_parts, member.repeat(2), n_inst)  # (G,)
         per_instance = -(math.log(2.0) + pos - energy)  # (G,)
-        return {"loss": per_instance.mean(), "instances": torch.tensor(float(per_instance.shape[0]), device=logits.device)}
+        instances = torch.tensor(float(n_inst), device=logits.device)
+        return {"loss": per_instance.mean(), "instances": instances}
 
 
-def _masked_lse(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(G,) log sum_{k: mask[g, k]} exp(values[k])."""
-    return torch.logsumexp(values[None, :].masked_fill(~mask, -math.inf), dim=1)
+def _group_lse(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """(G,) log sum_{k: group[k] = g} exp(values[k]), in O(len(values)) memory."""
+    top = torch.full((n_groups,), -math.inf, dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(0, group, values.detach(), reduce="amax")  # any constant shift is exact
+    total = torch.zeros_like(top).scatter_add(0, group, torch.exp(values - top[group]))
+    return top + torch.log(total)

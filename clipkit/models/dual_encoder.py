@@ -33,12 +33,16 @@ class DualEncoder(nn.Module):
         super().__init__()
         self.vision = vision
         self.text = text
-        self.vision_proj = build_projection(projection, vision.out_dim, embed_dim, f"vision tower {vision.spec}")
+        self.vision_proj = build_projection(
+            projection, vision.out_dim, embed_dim, f"vision tower {vision.spec}"
+        )
         self.text_proj = build_projection(projection, text.out_dim, embed_dim, f"text tower {text.spec}")
         self.embed_dim = embed_dim
         self.max_logit_scale = max_logit_scale
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))  # log(1 / T)
-        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
+        self.logit_bias = (
+            None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
+        )
 
     # ------------------------------------------------------------------ encoders
     def tower_features(self, image: Tensor) -> Tensor:
@@ -69,7 +73,9 @@ class DualEncoder(nn.Module):
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Batch dict with "image" or "image_features", and "text" -> embeddings + temperature."""
         out = {
-            "image_emb": self.encode_image(image=batch.get("image"), image_features=batch.get("image_features")),
+            "image_emb": self.encode_image(
+                image=batch.get("image"), image_features=batch.get("image_features")
+            ),
             "text_emb": self.encode_text(batch["text"]),
             "logit_scale": self.logit_scale.clamp(max=self.max_logit_scale).exp(),  # scalar 1/T
         }

@@ -59,6 +59,8 @@ class Tower(nn.Module):
 
     modality: str = "vision"
     deterministic_transform: bool = True
+    # Small (modality, TowerConfig kwargs) examples: the parametrized tower tests build each.
+    examples: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     def __init__(self, spec: str, modality: str):
         super().__init__()
@@ -114,7 +116,7 @@ class Tower(nn.Module):
         for name, t in [*self.named_parameters(), *self.named_buffers()]:
             t = t.detach().cpu().contiguous()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         return h.hexdigest()[:16]
 
     def extra_repr(self) -> str:
@@ -259,7 +261,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict):
-        raise ValueError(f"weights file '{path}' does not hold a state dict (got {type(sd).__name__})")
+        raise TypeError(f"weights file '{path}' does not hold a state dict (got {type(sd).__name__})")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 

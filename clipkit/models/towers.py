@@ -34,7 +34,9 @@ def build_tower(cfg: TowerConfig, modality: str, shared: dict[str, Any] | None =
             f"prefixes: {', '.join(TOWERS.names())}"
         )
     if cfg.unlocked_layers and not cfg.locked:
-        raise ValueError(f"{modality} tower: unlocked_layers={cfg.unlocked_layers} only applies with locked=true")
+        raise ValueError(
+            f"{modality} tower: unlocked_layers={cfg.unlocked_layers} only applies with locked=true"
+        )
     tower = TOWERS.build(prefix, arch=arch, cfg=cfg, modality=modality, shared=shared)
     if cfg.locked:
         tower.lock(cfg.unlocked_layers)

@@ -70,6 +70,8 @@ def _block_list_name(model: nn.Module) -> str:
 class HFTower(Tower):
     """Text tower ``hf:<dir>``; ``forward(tokens (B, L)) -> (B, hidden)`` masked mean pooling."""
 
+    examples = (("text", {"name": "hf:minilm", "weights": "bundled", "context_length": 8}),)
+
     def __init__(self, arch: str, cfg: TowerConfig, modality: str, shared: dict[str, Any] | None = None):
         if modality != "text":
             raise ValueError(f"'hf:{arch}' is a text tower; it cannot be the {modality} tower")
@@ -85,15 +87,17 @@ class HFTower(Tower):
             model = AutoModel.from_pretrained(path, local_files_only=True)
         else:
             model = AutoModel.from_config(hf_cfg)
-            if cfg.weights:
-                sd = load_state_dict_file(cfg.weights)
-                missing, unexpected = model.load_state_dict(sd, strict=False)
-                if missing or [k for k in unexpected if not k.startswith("pooler.")]:
-                    raise ValueError(f"weights '{cfg.weights}' do not fit hf:{arch}: missing {missing[:5]}")
-            else:
-                log.warning("hf:%s: random init (weights=''); weights=bundled loads those in %s", arch, path)
         if getattr(model, "pooler", None) is not None:
             model.pooler = None  # unused by mean pooling; unused parameters would trouble DDP
+        if cfg.weights not in ("", "bundled"):
+            sd = {k: v for k, v in load_state_dict_file(cfg.weights).items() if not k.startswith("pooler.")}
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"weights '{cfg.weights}' do not fit hf:{arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
+        elif not cfg.weights:
+            log.warning("hf:%s: random init (weights=''); weights=bundled loads those in %s", arch, path)
         self.model = model
         self.tokenizer = HFTokenizer(path, cfg.context_length)
         self.pad_token_id = self.tokenizer.pad_token_id

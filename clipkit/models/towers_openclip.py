@@ -25,15 +25,15 @@ from clipkit.registry import suggest
 
 open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
 
-VIT_GROUPS = dict(
-    stem=r"^(?:class_embedding|positional_embedding|conv1|ln_pre|patchnorm_pre_ln)",
-    blocks=r"^transformer\.resblocks\.(\d+)\.",
-)  # unmatched (ln_post, proj, attn_pool) -> top layer
-RESNET_GROUPS = dict(stem=r"^(?:conv[123]|bn[123])\.", blocks=r"^layer(\d+)\.(\d+)\.")  # top: attnpool
-TEXT_GROUPS = dict(
-    embed=r"^(?:token_embedding|positional_embedding|cls_emb)",
-    blocks=r"^transformer\.resblocks\.(\d+)\.",
-)  # top: ln_final, text_projection
+VIT_GROUPS = {
+    "stem": r"^(?:class_embedding|positional_embedding|conv1|ln_pre|patchnorm_pre_ln)",
+    "blocks": r"^transformer\.resblocks\.(\d+)\.",
+}  # unmatched (ln_post, proj, attn_pool) -> top layer
+RESNET_GROUPS = {"stem": r"^(?:conv[123]|bn[123])\.", "blocks": r"^layer(\d+)\.(\d+)\."}  # top: attnpool
+TEXT_GROUPS = {
+    "embed": r"^(?:token_embedding|positional_embedding|cls_emb)",
+    "blocks": r"^transformer\.resblocks\.(\d+)\.",
+}  # top: ln_final, text_projection
 
 
 def check_config(name: str) -> dict[str, Any]:
@@ -48,7 +48,9 @@ def check_config(name: str) -> dict[str, Any]:
     return cfg
 
 
-def create_open_clip(name: str, weights: str, image_size: int | None, context_length: int | None) -> nn.Module:
+def create_open_clip(
+    name: str, weights: str, image_size: int | None, context_length: int | None
+) -> nn.Module:
     """An open_clip model, randomly initialised or loaded from a local checkpoint file."""
     check_config(name)
     model = open_clip.create_model(
@@ -120,6 +122,13 @@ class ClipText(nn.Module):
 class OpenClipTower(Tower):
     """``open_clip:<config>``: ``model.visual`` (vision) or the text encoder (text), both projected."""
 
+    examples = (
+        ("vision", {"name": "open_clip:clipkit-tiny-ViT", "image_size": 32}),
+        ("vision", {"name": "open_clip:clipkit-tiny-RN", "image_size": 64}),
+        ("text", {"name": "open_clip:clipkit-tiny-ViT", "context_length": 16}),
+        ("text", {"name": "open_clip:clipkit-tiny-ViT-customtext", "context_length": 16}),
+    )
+
     def __init__(self, arch: str, cfg: TowerConfig, modality: str, shared: dict[str, Any] | None = None):
         super().__init__(f"open_clip:{arch}", modality)
         clip = _shared_model(arch, cfg, modality, shared)
@@ -132,7 +141,9 @@ class OpenClipTower(Tower):
             self._fingerprint_extra = f"preprocess={sorted(self.preprocess.items())}"
         else:
             self.model = clip.text if hasattr(clip, "text") else ClipText(clip)
-            context_length = int(clip.context_length if hasattr(clip, "context_length") else cfg.context_length)
+            context_length = int(
+                clip.context_length if hasattr(clip, "context_length") else cfg.context_length
+            )
             self.tokenizer = open_clip.get_tokenizer(arch, context_length=context_length)
             self._fingerprint_extra = f"L={context_length}|{type(self.tokenizer).__name__}"
 

@@ -47,7 +47,9 @@ def copy_in_order(model: torch.nn.Module, src: dict[str, Tensor], skip_prefixes:
     new = {}
     for (sk, sv), dk in zip(src_items, dst_keys):
         if sv.shape != dst[dk].shape:
-            raise ValueError(f"weights tensor '{sk}' {tuple(sv.shape)} does not fit '{dk}' {tuple(dst[dk].shape)}")
+            raise ValueError(
+                f"weights tensor '{sk}' {tuple(sv.shape)} does not fit '{dk}' {tuple(dst[dk].shape)}"
+            )
         new[dk] = sv
     model.load_state_dict(new, strict=False)
 
@@ -55,6 +57,11 @@ def copy_in_order(model: torch.nn.Module, src: dict[str, Tensor], skip_prefixes:
 @TOWERS.register("timm")
 class TimmTower(Tower):
     """Image tower ``timm:<arch>``; ``forward`` returns the pooled pre-logits features (B, C)."""
+
+    examples = (
+        ("vision", {"name": "timm:tf_efficientnet_lite0", "weights": "bundled", "image_size": 64}),
+        ("vision", {"name": "timm:resnet18", "image_size": 32}),
+    )
 
     def __init__(self, arch: str, cfg: TowerConfig, modality: str, shared: dict[str, Any] | None = None):
         if modality != "vision":
@@ -69,7 +76,12 @@ class TimmTower(Tower):
         mean, std = self.model.pretrained_cfg["mean"], self.model.pretrained_cfg["std"]
         if cfg.weights == "bundled":
             mean, std = BUNDLED_MEAN_STD[arch]
-        self.image_size, self.mean, self.std, self.augment = cfg.image_size, tuple(mean), tuple(std), cfg.augment
+        self.image_size, self.mean, self.std, self.augment = (
+            cfg.image_size,
+            tuple(mean),
+            tuple(std),
+            cfg.augment,
+        )
         self.deterministic_transform = not cfg.augment
         self._fingerprint_extra = f"size={cfg.image_size}|mean={self.mean}|std={self.std}|bicubic"
 

@@ -5,21 +5,23 @@ a sample never changes, yet a plain loop decodes, resizes and pushes every image
 every epoch, which is nearly all the compute. Here the outputs are computed once and stored
 beside the shards::
 
-    <shard_dir>/_clipkit_cache/<tower fingerprint>/features.npy   (N, F) float16, row i = keys[i]
-    <shard_dir>/_clipkit_cache/<tower fingerprint>/keys.json      {"keys": [...], "absent": [...], ...}
+    <shard_dir>/_clipkit_cache/<tower fingerprint>/features-000000.npy  (N_0, F) float16
+    <shard_dir>/_clipkit_cache/<tower fingerprint>/features-000001.npy  (N_1, F) (a later append)
+    <shard_dir>/_clipkit_cache/<tower fingerprint>/keys.json  {"keys": [...], "parts": [...], "absent": [...]}
 
 - Keyed by sample key (``__key__``, which must be unique across the shards) and by
   ``tower.fingerprint()`` (spec + transform settings + every weight): other weights give another
-  folder; new samples are computed incrementally and appended; ``absent`` lists keys the
-  pipeline skipped (bad images), so they are not retried on every start.
+  folder. New samples are computed incrementally into a new part file (old parts are never
+  rewritten); ``absent`` lists keys the pipeline skipped (bad images), so they are not retried
+  on every start (delete the folder to retry them).
 - float16: pooled features of a frozen backbone are O(1..10) and fp16 keeps ~3.3 significant
   digits (relative error <= 2**-11), far below the noise of training a projection on them,
-  while halving disk and page-cache use. A tower whose outputs overflow fp16 (|x| > 65504) is
-  stored as float32 instead (recorded in ``keys.json``). ``get`` always returns float32.
-- Writes are atomic (features first, then keys; a reader trusts only the rows ``keys.json``
-  lists, so an interrupted append never exposes a torn row). If the shard folder is read-only
-  the cache goes to ``<run_dir>/feature_cache/<fingerprint>/`` (seeded from any cache there is
-  beside the shards).
+  while halving disk and page-cache use. A part whose values overflow fp16 (|x| > 65504) is
+  stored as float32 instead (its dtype is in ``keys.json``). ``get`` always returns float32.
+- Writes are atomic and ordered: a part file first, then ``keys.json`` naming it. A build is
+  saved every ``FLUSH_ROWS`` new rows, so a killed build keeps what it had saved. If the shard
+  folder is read-only the cache goes to ``<run_dir>/feature_cache/<fingerprint>/`` (seeded from
+  any cache there is beside the shards).
 """
 
 from __future__ import annotations
@@ -44,13 +46,14 @@ from clipkit.errors import ClipkitError
 CACHE_DIRNAME = "_clipkit_cache"
 FP16_MAX = float(np.finfo(np.float16).max)
 BUILD_BATCH = 64
+FLUSH_ROWS = 50_000  # new rows computed between two saves of the cache
 
 
 class FeatureCache:
     """Read side, for ``build_loader(feature_lookup=...)``: ``key in cache``, ``cache.get(key)``.
 
-    Rows are memory-mapped; pickling (into loader workers) carries only the folder and keys,
-    each worker maps the file itself.
+    Parts are memory-mapped on first use; pickling (into loader workers) carries only the
+    folder and keys, each worker maps the files itself.
     """
 
     def __init__(self, folder: str | Path):
@@ -58,21 +61,28 @@ class FeatureCache:
         meta_path = self.folder / "keys.json"
         self.meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         self.keys: list[str] = list(self.meta.get("keys", []))
+        self.parts: list[dict[str, Any]] = list(self.meta.get("parts", []))  # {"file", "rows", "dtype"}
         self.absent: set[str] = set(self.meta.get("absent", []))
         self._index = {k: i for i, k in enumerate(self.keys)}
-        self._rows: np.ndarray | None = None
+        self._starts = np.cumsum([0] + [p["rows"] for p in self.parts])[:-1]  # first row of each part
+        if sum(p["rows"] for p in self.parts) != len(self.keys):
+            raise ClipkitError(
+                f"feature cache {self.folder} is damaged: keys.json lists {len(self.keys)} keys for "
+                f"{sum(p['rows'] for p in self.parts)} rows; delete the folder to rebuild it"
+            )
+        self._maps: list[np.ndarray] | None = None
 
-    @property
-    def rows(self) -> np.ndarray:
-        """(len(self), F) memory map; rows past ``len(keys)`` (a torn append) are never used."""
-        if self._rows is None:
-            self._rows = np.load(self.folder / "features.npy", mmap_mode="r")
-            if len(self._rows) < len(self.keys):
-                raise ClipkitError(
-                    f"feature cache {self.folder} is damaged: keys.json lists {len(self.keys)} samples "
-                    f"but features.npy has {len(self._rows)} rows; delete the folder to rebuild it"
-                )
-        return self._rows
+    def _parts(self) -> list[np.ndarray]:
+        if self._maps is None:
+            maps = [np.load(self.folder / p["file"], mmap_mode="r") for p in self.parts]
+            for part, rows in zip(self.parts, maps):
+                if rows.shape[0] != part["rows"]:
+                    raise ClipkitError(
+                        f"feature cache {self.folder} is damaged: {part['file']} has {rows.shape[0]} rows, "
+                        f"keys.json says {part['rows']}; delete the folder to rebuild it"
+                    )
+            self._maps = maps
+        return self._maps
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -82,10 +92,12 @@ class FeatureCache:
 
     def get(self, key: str) -> np.ndarray:
         """(F,) float32 copy of the cached tower output for ``key`` (KeyError when absent)."""
-        return np.array(self.rows[self._index[key]], dtype=np.float32)
+        i = self._index[key]
+        part = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return np.array(self._parts()[part][i - self._starts[part]], dtype=np.float32)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_rows": None}
+        return {**self.__dict__, "_maps": None}
 
 
 # ---------------------------------------------------------------------------- when and where
@@ -156,12 +168,7 @@ def scan_keys(shards: list[Path]) -> dict[Path, list[str]]:
 
 
 def _compute(
-    model: Any,
-    data_cfg: DataConfig,
-    shards: list[Path],
-    wanted: set[str],
-    device: torch.device,
-    progress: bool,
+    model: Any, data_cfg: DataConfig, shards: list[Path], wanted: set[str], device: torch.device, bar: tqdm
 ) -> dict[str, np.ndarray]:
     """Tower features of the ``wanted`` keys, reading ``shards`` in order with the data pipeline."""
     from clipkit.data import build_loader
@@ -180,7 +187,6 @@ def _compute(
     found: dict[str, np.ndarray] = {}
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(wanted), desc="feature cache", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         with torch.inference_mode():
             for batch in loader:
@@ -193,32 +199,39 @@ def _compute(
                     found[batch["key"][i]] = feats[row]
                 bar.update(len(pick))
     finally:
-        bar.close()
         model.train(was_training)
     return found
 
 
-def _write(
+def _chunks(todo: list[Path], per_shard: dict[Path, list[str]], missing: set[str]) -> list[list[Path]]:
+    """Consecutive groups of shards holding >= FLUSH_ROWS missing keys (the last group fewer)."""
+    groups: list[list[Path]] = [[]]
+    count = 0
+    for shard in todo:
+        if count >= FLUSH_ROWS:
+            groups.append([])
+            count = 0
+        groups[-1].append(shard)
+        count += sum(k in missing for k in per_shard[shard])
+    return groups
+
+
+def _append(
     folder: Path, old: FeatureCache, new: dict[str, np.ndarray], absent: set[str], meta: dict[str, Any]
-) -> None:
-    """Append ``new`` rows to ``old``'s into ``folder`` (features, then keys; both atomic)."""
-    new_keys = list(new)
-    new_rows = np.stack([new[k] for k in new_keys]) if new_keys else None
-    dim = new_rows.shape[1] if new_rows is not None else int(old.meta.get("dim", 0))
-    old_dtype = np.dtype(old.meta.get("dtype", "float16"))
-    overflow = new_rows is not None and not np.all(np.abs(new_rows) <= FP16_MAX)
-    dtype = np.dtype(np.float32) if overflow or old_dtype == np.float32 else np.dtype(np.float16)
-    n_old = len(old)
-    shape = (n_old + len(new_keys), dim)
-    with atomic_open(folder / "features.npy", "wb") as f:
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-        np.lib.format.write_array_header_1_0(f, header)
-        for start in range(0, n_old, 65536):  # stream the old rows: the cache may exceed RAM
-            f.write(np.ascontiguousarray(old.rows[start : min(n_old, start + 65536)], dtype=dtype).tobytes())
-        if new_rows is not None:
-            f.write(np.ascontiguousarray(new_rows, dtype=dtype).tobytes())
-    keys = {**meta, "dtype": dtype.name, "dim": dim, "keys": old.keys + new_keys, "absent": sorted(absent)}
-    atomic_write_text(folder / "keys.json", json.dumps(keys))
+) -> FeatureCache:
+    """``old`` plus ``new`` rows as one more part file; the part is written before ``keys.json``."""
+    parts, keys = list(old.parts), list(old.keys)
+    if new:
+        rows = np.stack(list(new.values()))  # (n, F)
+        dtype = np.float16 if np.all(np.abs(rows) <= FP16_MAX) else np.float32
+        name = f"features-{len(parts):06d}.npy"
+        with atomic_open(folder / name, "wb") as f:
+            np.save(f, rows.astype(dtype))
+        parts.append({"file": name, "rows": len(rows), "dtype": np.dtype(dtype).name})
+        keys += list(new)
+    index = {**meta, "dim": int(rows.shape[1]) if new else old.meta.get("dim", 0), "parts": parts}
+    atomic_write_text(folder / "keys.json", json.dumps({**index, "keys": keys, "absent": sorted(absent)}))
+    return FeatureCache(folder)
 
 
 def build_feature_cache(
@@ -245,17 +258,21 @@ def build_feature_cache(
         where = f"{old.folder}" + (f" ({note})" if note and old.folder == write_to else "")
         return old, f"{len(old)} samples cached in {where}, nothing to compute"
     todo = [s for s, keys in per_shard.items() if any(k in missing for k in keys)]
-    t0 = time.perf_counter()
-    new = _compute(model, data_cfg, todo, missing, torch.device(device), progress)
-    absent = old.absent | (missing - set(new))
     meta = {"fingerprint": fingerprint, "tower": getattr(model.vision, "spec", ""), "version": 1}
     write_to.mkdir(parents=True, exist_ok=True)
-    _write(write_to, old, new, absent, meta)
+    reused, computed, t0 = len(old), 0, time.perf_counter()
+    bar = tqdm(total=len(missing), desc="feature cache", unit="img", disable=not progress, dynamic_ncols=True)
+    with bar:
+        for group in _chunks(todo, per_shard, missing):  # saved after each group: a kill loses one group
+            new = _compute(model, data_cfg, group, missing, torch.device(device), bar)
+            group_keys = {k for shard in group for k in per_shard[shard] if k in missing}
+            old = _append(write_to, old, new, old.absent | (group_keys - set(new)), meta)
+            computed += len(new)
     took = time.perf_counter() - t0
     report = (
-        f"{len(old) + len(new)} samples cached in {write_to}: {len(new)} computed now "
-        f"({len(new) / max(took, 1e-9):.0f} img/s), {len(old)} reused"
-        + (f", {len(absent)} unreadable" if absent else "")
+        f"{len(old)} samples cached in {write_to}: {computed} computed now "
+        f"({computed / max(took, 1e-9):.0f} img/s), {reused} reused"
+        + (f", {len(old.absent)} unreadable" if old.absent else "")
         + (f"; {note}" if note else "")
     )
-    return FeatureCache(write_to), report
+    return old, report

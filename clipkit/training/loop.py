@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 from tqdm import tqdm
@@ -57,7 +59,6 @@ class Run:
     budget: int  # samples to see in total (all ranks)
     per_step: int  # samples of one full optimizer step (all ranks)
     total_steps: int
-    cache: FeatureCache | None = None
     cache_note: str = ""
     resumed_from: Path | None = None
     step: int = 0
@@ -83,8 +84,10 @@ def check_train_config(cfg: Config) -> None:
         problems.append(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     if not cfg.data.train:
         problems.append(
-            "data.train is empty: set the training shards, e.g. data/emoji/train-{000000..000007}.tar"
+            "data.train is empty: set the training shards, e.g. data/emoji/train (a folder of .tar shards)"
         )
+    if t.threads < 0:
+        problems.append(f"train.threads must be >= 0 (0 = torch's default), got {t.threads}")
     if t.resume == "latest" and not t.run_name:
         problems.append(
             "train.resume=latest continues the run folder <train.output_dir>/<train.run_name>, "
@@ -94,11 +97,19 @@ def check_train_config(cfg: Config) -> None:
         raise ClipkitError("; ".join(problems))
 
 
+def make_accelerator(precision: str) -> Accelerator:
+    mixed = "bf16" if precision == "bf16" else "no"
+    known = AcceleratorState._shared_state.get("_mixed_precision", mixed)
+    if known != mixed and not PartialState().use_distributed:
+        # accelerate keeps one state per process; a second train() in the same process (a
+        # notebook, the tests) with another precision would otherwise be refused.
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     set_seed(seed)  # python, numpy, torch (all devices)
     if deterministic:
-        import os
-
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -204,9 +215,9 @@ def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
 
 def setup(cfg: Config) -> Run:
     check_train_config(cfg)
-    acc = Accelerator(
-        mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", cpu=not torch.cuda.is_available()
-    )
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    acc = make_accelerator(cfg.train.precision)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     run_dir, resume_from = resolve_run_dir(cfg, acc)
     state = ckpt.load(resume_from) if resume_from else None
@@ -224,12 +235,13 @@ def setup(cfg: Config) -> Run:
     cache, cache_note = prepare_cache(cfg, model, run_dir, acc)
     stream = make_stream(cfg, model, acc, cache)
     run = Run(cfg, acc, run_dir, model, loss_fn, optimizer, scheduler, stream, budget, per_step, total_steps)
-    run.cache, run.cache_note, run.resumed_from = cache, cache_note, resume_from
+    run.cache_note, run.resumed_from = cache_note, resume_from
     if state is not None:
         restore(run, state)
     run.model, run.optimizer = acc.prepare(model, optimizer)
     if acc.is_main_process:
-        run.metrics = MetricsLog(run_dir, resume_step=run.step if state is not None else None)
+        # Resuming (even from no checkpoint): rows and events past the restored step are stale.
+        run.metrics = MetricsLog(run_dir, resume_step=run.step if cfg.train.resume else None)
     if state is not None:  # last, so that nothing built above consumes the restored streams
         rngs = state["rng"]
         ckpt.restore_rng(rngs[acc.process_index] if acc.process_index < len(rngs) else rngs[0])
@@ -242,11 +254,19 @@ def plan_text(run: Run) -> str:
     start = f"resuming {run.resumed_from} at step {run.step}" if run.resumed_from else "fresh"
     lines = [
         f"clipkit train: {run.run_dir} ({start})",
-        f"  device {acc.device}, {acc.num_processes} process(es), precision {cfg.train.precision}",
+        (
+            f"  device {acc.device}, {acc.num_processes} process(es), {torch.get_num_threads()} torch thread(s), "
+            f"precision {cfg.train.precision}"
+        ),
         (
             f"  budget {run.budget:,} samples = {run.total_steps:,} steps of {run.per_step:,} "
             f"(batch {cfg.data.batch_size} x accum {cfg.optim.accum_steps} x {acc.num_processes} rank(s)); "
             f"last step {last:,} samples"
+            + (
+                f"; train.samples rounded up to a multiple of {acc.num_processes} ranks"
+                if run.budget != cfg.train.samples
+                else ""
+            )
         ),
         (
             f"  checkpoints every {cfg.train.checkpoint_every} steps (keep {cfg.train.keep_last}), "

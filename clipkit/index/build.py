@@ -1,0 +1,394 @@
+"""``clipkit index build``: the right FAISS index for an embedding export and a memory budget.
+
+1. Held-out queries: ``--queries Q.npy`` (e.g. text embeddings), or a random sample of the
+   collection itself; then each query's own id is dropped from every result list, so the
+   trivially found self-match does not count towards recall.
+2. Ground truth: exact inner-product top-k, streamed part by part (``faiss.knn`` + a heap).
+3. Candidates from ``choose.plan`` (or ``--key``); for each: train on a random sample, add the
+   parts one by one, tune ``nprobe`` / ``efSearch`` to the smallest value whose recall@k
+   reaches the target. The first candidate that reaches it wins; when one cannot (its codes
+   are too coarse), only candidates with finer codes or another structure are tried next.
+4. Write ``index.faiss``, ``trained.faiss`` (the trained, empty index: build other shards
+   with ``--trained`` to merge them later), ``metadata.parquet`` (row/``id`` i = FAISS id i)
+   and ``report.json``, each atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipkit.data.atomic import atomic_open
+from clipkit.errors import ClipkitError
+from clipkit.index import choose
+from clipkit.index.store import EmbeddingSet, write_json
+
+INDEX_FILE, TRAINED_FILE, META_FILE, REPORT_FILE = (
+    "index.faiss",
+    "trained.faiss",
+    "metadata.parquet",
+    "report.json",
+)
+SEARCH_PARAM = {"ivf": "nprobe", "hnsw": "efSearch", "flat": None}
+
+
+class BuildError(ClipkitError, ValueError):
+    """Bad build input: queries of the wrong width, a --trained index that does not fit, ..."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def family_of(index: faiss.Index) -> str:
+    if faiss.try_extract_index_ivf(index) is not None:
+        return "ivf"
+    return "hnsw" if "HNSW" in type(faiss.downcast_index(index)).__name__ else "flat"
+
+
+def write_index(index: faiss.Index, path: Path) -> None:
+    with atomic_open(path) as f:
+        writer = faiss.PyCallbackIOWriter(f.write)
+        faiss.write_index(index, writer)
+        del writer  # flushes
+
+
+def set_search_params(index: faiss.Index, params: dict[str, int]) -> None:
+    ps = faiss.ParameterSpace()
+    for name, value in params.items():
+        ps.set_index_parameter(index, name, int(value))
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (Linux VmHWM), or None where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            status = f.read()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def exact_knn(emb: EmbeddingSet, queries: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k) ids of the exact inner-product top-k over all parts (-1 where n < k)."""
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for start, vectors in emb.iter_parts():
+        dist, ids = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(np.ascontiguousarray(dist), np.ascontiguousarray(ids + start))
+    heap.finalize()
+    return heap.I
+
+
+def drop_self(ids: np.ndarray, self_ids: np.ndarray | None, k: int) -> np.ndarray:
+    """Remove each query's own id from its row of k+1 results (else its last); (Q, k)."""
+    if self_ids is None:
+        return ids[:, :k]
+    keep = ids != self_ids[:, None]
+    keep[keep.sum(1) > k, -1] = False  # self not among the k+1: drop the (k+1)-th instead
+    return ids[keep].reshape(len(ids), k)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of |found ∩ truth| / |truth| (ids -1 are padding)."""
+    hits = [len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, (t >= 0).sum()) for f, t in zip(found, truth)]
+    return float(np.mean(hits))
+
+
+class Evaluator:
+    """Recall@k and queries/s of an index on fixed held-out queries."""
+
+    def __init__(self, queries: np.ndarray, truth: np.ndarray, k: int, self_ids: np.ndarray | None):
+        self.queries, self.truth, self.k, self.self_ids = queries, truth, k, self_ids
+
+    def recall(self, index: faiss.Index) -> float:
+        extra = 0 if self.self_ids is None else 1
+        _, ids = index.search(self.queries, self.k + extra)
+        return recall_at_k(drop_self(ids, self.self_ids, self.k), self.truth)
+
+    min_seconds = 1.0  # how long each speed measurement runs
+
+    def qps(self, index: faiss.Index, batch: int) -> float:
+        """Queries per second at this batch size (batch 1: one query per call)."""
+        q = self.queries[: max(batch, 1)] if batch > 1 else self.queries
+        done, t0 = 0, time.perf_counter()
+        while True:
+            if batch == 1:
+                for i in range(min(len(q), 1000)):
+                    index.search(q[i : i + 1], self.k)
+                    done += 1
+            else:
+                index.search(q, self.k)
+                done += len(q)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= self.min_seconds:
+                return done / elapsed
+
+
+def tune(index: faiss.Index, family: str, ev: Evaluator, target: float) -> tuple[dict[str, int], float, list]:
+    """Smallest nprobe / efSearch reaching ``target`` recall (or the best found); + the curve.
+
+    Doubles the parameter from 1 (IVF) or max(16, k) (HNSW) until the target is met, the
+    parameter is exhaustive, or recall stops rising (< 0.002 over two doublings); then bisects
+    between the last miss and the first hit. Recall is assumed non-decreasing in it.
+    """
+    name = SEARCH_PARAM[family]
+    if name is None:
+        return {}, ev.recall(index), []
+    ivf = faiss.try_extract_index_ivf(index)
+    top = ivf.nlist if ivf is not None else 4096
+    start = 1 if ivf is not None else max(16, ev.k)
+    measured: dict[int, float] = {}
+
+    def at(value: int) -> float:
+        set_search_params(index, {name: value})
+        measured[value] = ev.recall(index)
+        return measured[value]
+
+    value, low, history = start, 0, []  # low: the largest value known to miss (0: none yet)
+    while True:
+        history.append(at(value))
+        if history[-1] >= target or value >= top:
+            break
+        if len(history) >= 3 and history[-1] - history[-3] < 0.002:
+            break  # plateau: the codes, not the search, limit recall
+        low, value = value, min(value * 2, top)
+    if history[-1] >= target:
+        high = value
+        while low and high - low > 1:
+            mid = (low + high) // 2
+            if at(mid) >= target:
+                high = mid
+            else:
+                low = mid
+        value = high
+    else:
+        value = max(measured, key=measured.get)
+    set_search_params(index, {name: value})
+    return {name: value}, measured[value], [(v, round(r, 4)) for v, r in sorted(measured.items())]
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _queries(emb: EmbeddingSet, queries: str | Path | np.ndarray | None, n_queries: int, rng):
+    """(queries float32 (Q, d), self ids or None, description)."""
+    if queries is None:
+        ids = np.sort(rng.choice(emb.n, min(n_queries, emb.n), replace=False))
+        return emb.take(ids), ids, f"{len(ids)} vectors sampled from the collection (self-matches excluded)"
+    q = np.load(queries) if not isinstance(queries, np.ndarray) else queries
+    if q.ndim != 2 or q.shape[1] != emb.d or len(q) == 0:
+        raise BuildError(f"queries must be a non-empty (Q, {emb.d}) array, got shape {q.shape}")
+    return np.ascontiguousarray(q, dtype=np.float32), None, f"{len(q)} held-out queries from {queries}"
+
+
+def _new_index(cand: choose.Candidate, emb: EmbeddingSet, rng, trained: faiss.Index | None) -> faiss.Index:
+    if trained is not None:
+        return faiss.clone_index(trained)
+    index = faiss.index_factory(emb.d, cand.key, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.cp.spherical = True  # unit-norm data: centroids on the sphere (cosine k-means)
+        ivf = faiss.downcast_index(ivf)
+        if isinstance(ivf, faiss.IndexIVFPQ):
+            # On by default in index_factory; it only serves Hamming-threshold ("ht") search,
+            # which clipkit does not use, and it is most of the PQ training time.
+            ivf.do_polysemous_training = False
+    if not index.is_trained:
+        sample = emb.take(np.sort(rng.choice(emb.n, min(cand.train_rows or emb.n, emb.n), replace=False)))
+        index.train(sample)
+    return index
+
+
+def _attempt(cand, emb, ev, target, rng, trained, log) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    index = _new_index(cand, emb, rng, trained)
+    trained_bytes = faiss.serialize_index(index).tobytes() if cand.family == "ivf" else b""
+    t1 = time.perf_counter()
+    for _, vectors in emb.iter_parts():
+        index.add(vectors)
+    t2 = time.perf_counter()
+    params, recall, curve = tune(index, cand.family, ev, target)
+    t3 = time.perf_counter()
+    log(
+        f"{cand.key}: recall@{ev.k} {recall:.4f} at {params or 'exact search'} "
+        f"(train {t1 - t0:.1f} s, add {t2 - t1:.1f} s, tune {t3 - t2:.1f} s)"
+    )
+    return {
+        "cand": cand,
+        "index": index,
+        "trained_bytes": trained_bytes,
+        "params": params,
+        "recall": recall,
+        "curve": curve,
+        "reached": recall >= target,
+        "times": {"train_s": t1 - t0, "add_s": t2 - t1, "tune_s": t3 - t2},
+    }
+
+
+def _search_candidates(cands, compare: int, emb, ev, target, rng, trained, log) -> dict[str, Any]:
+    """Build candidates in order until one reaches ``target`` in each of ``compare`` families.
+
+    A candidate is skipped when its family already reached the target, or already missed it
+    with codes at least as fine (coarser codes cannot do better). Among those reaching the
+    target the one with the most queries/s at batch 1 wins; if none does, the best recall.
+    """
+    best, tried, reached, missed = None, [], set(), {}
+    for cand in cands:
+        if cand.family in reached or missed.get(cand.family, -1) >= cand.code_bytes:
+            continue
+        att = _attempt(cand, emb, ev, target, rng, trained, log)
+        if att["reached"]:
+            reached.add(cand.family)
+            att["qps1"] = ev.qps(att["index"], 1) if compare > 1 else 0.0
+        else:
+            missed[cand.family] = max(missed.get(cand.family, -1), cand.code_bytes)
+        tried.append(
+            {
+                "key": cand.key,
+                "recall": round(att["recall"], 4),
+                "search_params": att["params"],
+                **att["times"],
+                **({"qps_batch1": round(att["qps1"], 1)} if "qps1" in att else {}),
+            }
+        )
+        rank = (att["reached"], att.get("qps1", 0.0), att["recall"])
+        if best is None or rank > (best["reached"], best.get("qps1", 0.0), best["recall"]):
+            best = att  # the previous best (and its index) is freed here
+        if len(reached) >= compare:
+            break
+    assert best is not None
+    return best | {"tried": tried}
+
+
+def _candidates(emb: EmbeddingSet, budget: int, key: str | None, shard_rows: int):
+    if key:
+        cand = choose.estimate(key, emb.n, emb.d, shard_rows)
+        over = [] if cand.index_bytes <= budget else [(cand, "over budget, but asked for with --key")]
+        return [cand], over, 1
+    plan = choose.plan(emb.n, emb.d, budget, shard_rows)
+    return plan.candidates, plan.rejected, plan.compare_families
+
+
+def build_index(
+    emb_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    memory: str | int = "512MB",
+    target_recall: float = 0.95,
+    k: int = 10,
+    n_queries: int = 1000,
+    queries: str | Path | np.ndarray | None = None,
+    key: str | None = None,
+    trained: str | Path | None = None,
+    seed: int = 0,
+    speed_seconds: float = 1.0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build, tune and write an index for the export in ``emb_dir``; returns the report."""
+    t_start = time.perf_counter()
+    if not 0 < target_recall <= 1 or k < 1 or n_queries < 1:
+        raise BuildError(
+            f"need 0 < target recall <= 1, k >= 1, queries >= 1 (got {target_recall}, {k}, {n_queries})"
+        )
+    emb = EmbeddingSet(emb_dir)
+    if emb.n == 0:
+        raise BuildError(f"{emb_dir} holds no embeddings")
+    budget = choose.parse_memory(memory)
+    rng = np.random.default_rng(seed)
+    trained_index, trained_key = _read_trained(trained, emb.d)
+    if trained_key and key and key != trained_key:
+        raise BuildError(f"--key {key} differs from the --trained index's key {trained_key}")
+    cands, rejected, compare = _candidates(emb, budget, trained_key or key, max(emb.part_rows))
+    q, self_ids, q_note = _queries(emb, queries, n_queries, rng)
+    t0 = time.perf_counter()
+    truth = drop_self(exact_knn(emb, q, k + (self_ids is not None)), self_ids, k)
+    gt_s = time.perf_counter() - t0
+    ev = Evaluator(q, truth, k, self_ids)
+    ev.min_seconds = speed_seconds
+    best = _search_candidates(cands, compare, emb, ev, target_recall, rng, trained_index, log)
+    tried = best.pop("tried")
+    return _finish(
+        emb, Path(out_dir), best, ev, tried, rejected, budget, target_recall, q_note, gt_s, t_start, log
+    )
+
+
+def _read_trained(trained: str | Path | None, d: int) -> tuple[faiss.Index | None, str]:
+    """(trained empty index, its key) from a build folder, or (None, "")."""
+    if trained is None:
+        return None, ""
+    folder = Path(trained)
+    if not (folder / TRAINED_FILE).is_file() or not (folder / REPORT_FILE).is_file():
+        raise BuildError(
+            f"--trained {trained}: not a build folder with {TRAINED_FILE} and {REPORT_FILE} "
+            "(only IVF builds write a trained index)"
+        )
+    index = faiss.read_index(str(folder / TRAINED_FILE))
+    if index.d != d:
+        raise BuildError(f"--trained {trained} is for {index.d}-d vectors; these embeddings are {d}-d")
+    return index, json.loads((folder / REPORT_FILE).read_text())["index_key"]
+
+
+def _finish(emb, out: Path, best, ev, tried, rejected, budget, target, q_note, gt_s, t_start, log):
+    out.mkdir(parents=True, exist_ok=True)
+    cand, index = best["cand"], best["index"]
+    write_index(index, out / INDEX_FILE)
+    if best["trained_bytes"]:
+        with atomic_open(out / TRAINED_FILE) as f:
+            f.write(best["trained_bytes"])
+    else:  # a Flat or HNSW build over an older IVF build in the same folder
+        (out / TRAINED_FILE).unlink(missing_ok=True)
+    meta = emb.metadata()
+    meta = meta.add_column(0, "id", pa.array(np.arange(meta.num_rows, dtype=np.int64)))
+    with atomic_open(out / META_FILE) as f:
+        pq.write_table(meta, f)
+    build_s = time.perf_counter() - t_start
+    qps1, qps_many = ev.qps(index, 1), ev.qps(index, 1000)
+    report = {
+        "index_key": cand.key,
+        "family": cand.family,
+        "metric": "inner_product",
+        "dim": emb.d,
+        "ntotal": int(index.ntotal),
+        "model": emb.info.get("model", ""),
+        "modality": emb.info.get("modality", ""),
+        "embeddings": str(emb.root.resolve()),
+        "search_params": best["params"],
+        "k": ev.k,
+        f"recall_at_{ev.k}": round(best["recall"], 4),
+        "target_recall": target,
+        "target_reached": bool(best["reached"]),
+        "qps_batch1": round(qps1, 1),
+        "qps_batch1000": round(qps_many, 1),
+        "batch_of_many": min(1000, len(ev.queries)),
+        "threads": faiss.omp_get_max_threads(),
+        "size_bytes": (out / INDEX_FILE).stat().st_size,
+        "estimated_bytes": cand.index_bytes,
+        "estimated_build_peak_bytes": cand.build_peak_bytes,
+        "process_peak_rss_bytes": peak_rss_bytes(),
+        "memory_budget_bytes": budget,
+        "build_time_s": round(build_s, 2),
+        "ground_truth_s": round(gt_s, 2),
+        "queries": q_note,
+        "tuning_curve": best["curve"],
+        "tried": tried,
+        "rejected": [{"key": c.key, "why": why} for c, why in rejected],
+        "trained_sha256": hashlib.sha256(best["trained_bytes"]).hexdigest() if best["trained_bytes"] else "",
+    }
+    write_json(out / REPORT_FILE, report)
+    if not best["reached"]:
+        log(
+            f"warning: no index within the budget reached recall@{ev.k} {target}; kept {cand.key} at "
+            f"{best['recall']:.4f} (a larger --memory allows finer codes)"
+        )
+    return report

@@ -1,0 +1,119 @@
+"""``clipkit index merge``: join index folders built on separate parts of a collection.
+
+Ids follow the order of the folders given: the first folder's ids, then the second's shifted
+by the first's count, and so on; ``metadata.parquet`` is concatenated the same way.
+
+* IVF (any code): the folders must share one trained index (same ``trained_sha256``): build
+  the first normally and the others with ``--trained FIRST``. Lists are then joined with
+  FAISS's ``merge_from``, and the result equals one build over all vectors. Indexes trained
+  separately have different centroids and cannot be joined this way; that is refused.
+* Flat and HNSW: vectors are read back from each (exact for these) and added to a new index.
+
+The search parameter kept is the largest of the parts' tuned values; recall is not
+re-measured (no exact vectors here): run ``clipkit index build`` on the joined embeddings
+for a tuned report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipkit.data.atomic import atomic_open
+from clipkit.errors import ClipkitError
+from clipkit.index.build import INDEX_FILE, META_FILE, REPORT_FILE, TRAINED_FILE, write_index
+from clipkit.index.search import SearchIndex
+from clipkit.index.store import write_json
+
+
+class MergeError(ClipkitError, ValueError):
+    """Index folders that cannot be joined (other model, width, key or training)."""
+
+
+def _check_compatible(parts: list[SearchIndex]) -> None:
+    first = parts[0].report
+    for p in parts[1:]:
+        r = p.report
+        for field in ("index_key", "dim", "model", "metric"):
+            if r.get(field) != first.get(field):
+                raise MergeError(
+                    f"cannot merge {parts[0].folder} and {p.folder}: {field} differs "
+                    f"({first.get(field)!r} vs {r.get(field)!r})"
+                )
+        if first.get("family") == "ivf" and r.get("trained_sha256") != first.get("trained_sha256"):
+            raise MergeError(
+                f"{p.folder} was trained separately from {parts[0].folder} (other IVF centroids), so their "
+                f"lists cannot be joined; rebuild it with `clipkit index build ... --trained {parts[0].folder}`"
+            )
+
+
+def _join(parts: list[SearchIndex]) -> faiss.Index:
+    family = parts[0].report.get("family")
+    if family == "ivf":
+        base = faiss.read_index(str(parts[0].folder / INDEX_FILE))  # writable copy
+        for p in parts[1:]:
+            other = faiss.read_index(str(p.folder / INDEX_FILE))
+            base.merge_from(other, base.ntotal)  # ids of other shifted by the count so far
+        return base
+    if family == "flat":
+        base = faiss.IndexFlatIP(parts[0].dim)
+    else:
+        m = int(re.fullmatch(r"HNSW(\d+)", parts[0].report["index_key"]).group(1))
+        base = faiss.IndexHNSWFlat(parts[0].dim, m, faiss.METRIC_INNER_PRODUCT)
+    for p in parts:
+        base.add(p.index.reconstruct_n(0, p.ntotal))  # (n_p, d): exact for Flat storage
+    return base
+
+
+def merge_indexes(
+    folders: list[str | Path], out_dir: str | Path, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    if len(folders) < 2:
+        raise MergeError("give at least two index folders to merge")
+    out = Path(out_dir)
+    if any(Path(f).resolve() == out.resolve() for f in folders):
+        raise MergeError(f"--out {out} is one of the inputs; write the merged index to a new folder")
+    t0 = time.perf_counter()
+    parts = [SearchIndex(f) for f in folders]
+    _check_compatible(parts)
+    index = _join(parts)
+    params: dict[str, int] = {}
+    for p in parts:
+        for name, value in p.report.get("search_params", {}).items():
+            params[name] = max(params.get(name, 0), int(value))
+    meta = pa.concat_tables([p.meta.drop_columns(["id"]) for p in parts])
+    meta = meta.add_column(0, "id", pa.array(np.arange(meta.num_rows, dtype=np.int64)))
+    out.mkdir(parents=True, exist_ok=True)
+    write_index(index, out / INDEX_FILE)
+    with atomic_open(out / META_FILE) as f:
+        pq.write_table(meta, f)
+    first = parts[0]
+    if (first.folder / TRAINED_FILE).is_file():
+        with atomic_open(out / TRAINED_FILE) as f:
+            f.write((first.folder / TRAINED_FILE).read_bytes())
+    keep = ("index_key", "family", "metric", "dim", "model", "modality", "k", "trained_sha256")
+    report = {k: first.report.get(k) for k in keep} | {
+        "ntotal": int(index.ntotal),
+        "search_params": params,
+        "merged_from": [str(Path(f).resolve()) for f in folders],
+        "part_recalls": [p.report.get(f"recall_at_{p.report.get('k')}") for p in parts],
+        "note": "recall not re-measured after the merge; search params are the parts' maximum",
+        "size_bytes": (out / INDEX_FILE).stat().st_size,
+        "merge_time_s": round(time.perf_counter() - t0, 2),
+    }
+    write_json(out / REPORT_FILE, report)
+    log(f"merged {len(parts)} indexes: {report['ntotal']} vectors -> {out}")
+    return report
+
+
+def read_report(folder: str | Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / REPORT_FILE).read_text())

@@ -1,0 +1,203 @@
+"""Building, loading, searching and merging indexes, each against a brute-force numpy oracle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from index_helpers import clustered, write_vectors
+
+from clipkit.index.build import BuildError, build_index, set_search_params
+from clipkit.index.merge import MergeError, merge_indexes
+from clipkit.index.search import SearchIndex, SearchIndexError, UnknownKeyError
+from clipkit.index.store import EmbeddingsError
+
+QUIET = {"speed_seconds": 0.01, "log": lambda _: None}
+
+
+def numpy_topk(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = q @ x.T  # (Q, n)
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return ids, np.take_along_axis(scores, ids, 1)
+
+
+def numpy_recall(index, x, q_ids, k, nprobe):
+    """recall@k of ``index`` at ``nprobe`` on queries x[q_ids], self-matches excluded, by numpy."""
+    set_search_params(index, {"nprobe": nprobe})
+    q = x[q_ids]
+    truth, _ = numpy_topk(x, q, k + 1)
+    _, found = index.search(q, k + 1)
+    hits = []
+    for qi, t, f in zip(q_ids, truth, found):
+        t, f = [i for i in t if i != qi][:k], [i for i in f if i != qi][:k]
+        hits.append(len(set(t) & set(f)) / k)
+    return float(np.mean(hits))
+
+
+def test_flat_results_equal_numpy_argsort(tmp_path):
+    x = np.random.default_rng(1).standard_normal((700, 24)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    write_vectors(tmp_path / "emb", x, part_rows=300)
+    report = build_index(tmp_path / "emb", tmp_path / "idx", **QUIET)
+    assert report["index_key"] == "Flat" and report["recall_at_10"] == 1.0
+    q = np.random.default_rng(2).standard_normal((20, 24)).astype(np.float32)
+    index = SearchIndex(tmp_path / "idx")
+    ids, scores = numpy_topk(x, q, 10)
+    got = index.search(q, 10)
+    assert [[r["id"] for r in rows] for rows in got] == ids.tolist()
+    np.testing.assert_allclose([[r["score"] for r in rows] for rows in got], scores, atol=1e-5)
+    assert got[0][0]["key"] == f"v{ids[0, 0]:06d}" and got[0][0]["caption"] == f"vector {ids[0, 0]}"
+
+
+def test_ivf_is_tuned_to_the_smallest_nprobe_reaching_the_target(tmp_path):
+    x = clustered(4000, 16, clusters=30, noise=0.9)
+    write_vectors(tmp_path / "emb", x, part_rows=1000)
+    report = build_index(tmp_path / "emb", tmp_path / "idx", key="IVF32,Flat", target_recall=0.9,
+                         n_queries=300, **QUIET)  # fmt: skip
+    nprobe = report["search_params"]["nprobe"]
+    assert report["target_reached"] and 1 < nprobe < 32
+    index = faiss.read_index(str(tmp_path / "idx" / "index.faiss"))
+    # The queries are the 300 ids the builder sampled (seed 0); recompute recall with numpy.
+    q_ids = np.sort(np.random.default_rng(0).choice(4000, 300, replace=False))
+    assert numpy_recall(index, x, q_ids, 10, nprobe) == pytest.approx(report["recall_at_10"], abs=5e-5)
+    assert report["recall_at_10"] >= 0.9
+    assert numpy_recall(index, x, q_ids, 10, nprobe - 1) < 0.9  # minimal
+    curve = dict(map(tuple, report["tuning_curve"]))
+    assert curve[nprobe] == report["recall_at_10"]
+
+
+def test_ivf_sq8_with_held_out_queries_file(tmp_path):
+    x = clustered(5000, 32, clusters=40, noise=0.6, seed=3)
+    write_vectors(tmp_path / "emb", x[:4800], part_rows=1600)
+    np.save(tmp_path / "q.npy", x[4800:])
+    report = build_index(tmp_path / "emb", tmp_path / "idx", key="IVF64,SQ8", queries=tmp_path / "q.npy",
+                         target_recall=0.85, **QUIET)  # fmt: skip
+    index = faiss.read_index(str(tmp_path / "idx" / "index.faiss"))
+    truth, _ = numpy_topk(x[:4800], x[4800:], 10)
+    _, found = index.search(x[4800:], 10)
+    recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found)])
+    assert recall == pytest.approx(report["recall_at_10"], abs=5e-5) and recall >= 0.85
+    assert report["queries"].startswith("200 held-out queries")
+    np.save(tmp_path / "bad.npy", x[:10, :16])
+    with pytest.raises(BuildError, match=r"\(Q, 32\) array, got shape \(10, 16\)"):
+        build_index(tmp_path / "emb", tmp_path / "idx2", queries=tmp_path / "bad.npy", **QUIET)
+
+
+def test_outputs_are_complete_and_consistent(tmp_path):
+    x = clustered(3000, 16, seed=4)
+    write_vectors(tmp_path / "emb", x, part_rows=1000)
+    report = build_index(tmp_path / "emb", tmp_path / "idx", key="IVF16,SQ8", **QUIET)
+    files = sorted(p.name for p in (tmp_path / "idx").iterdir())
+    assert files == ["index.faiss", "metadata.parquet", "report.json", "trained.faiss"]  # no temporaries
+    meta = pq.read_table(tmp_path / "idx" / "metadata.parquet")
+    assert meta.column("id").to_pylist() == list(range(3000))
+    assert meta.column("key").to_pylist()[1234] == "v001234"
+    on_disk = json.loads((tmp_path / "idx" / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    for field in ("index_key", "size_bytes", "build_time_s", "recall_at_10", "qps_batch1", "qps_batch1000"):
+        assert on_disk[field], field
+    assert on_disk["size_bytes"] == (tmp_path / "idx" / "index.faiss").stat().st_size
+
+
+def test_mmap_load_maps_the_file_and_answers_the_same(tmp_path):
+    x = clustered(3000, 16, seed=5)
+    write_vectors(tmp_path / "emb", x, part_rows=1000)
+    build_index(tmp_path / "emb", tmp_path / "idx", key="IVF16,Flat", **QUIET)
+    path = str((tmp_path / "idx" / "index.faiss").resolve())
+    mapped = SearchIndex(tmp_path / "idx", mmap=True)
+    with open("/proc/self/maps") as f:
+        assert path in f.read()  # the codes are paged from the file, not copied in
+    loaded = SearchIndex(tmp_path / "idx", mmap=False)
+    q = x[:50]
+    assert mapped.search(q, 10) == loaded.search(q, 10)
+    assert (
+        mapped.index.nprobe
+        == json.loads((tmp_path / "idx" / "report.json").read_text())["search_params"]["nprobe"]
+    )
+
+
+def test_neighbours_by_key_and_unknown_key(tmp_path):
+    x = clustered(800, 16, seed=6)
+    write_vectors(tmp_path / "emb", x, part_rows=300)
+    build_index(tmp_path / "emb", tmp_path / "idx", **QUIET)
+    index = SearchIndex(tmp_path / "idx")
+    ids, _ = numpy_topk(x, x[17:18], 6)
+    assert [r["id"] for r in index.neighbours("v000017", 5)] == [i for i in ids[0] if i != 17][:5]
+    with pytest.raises(UnknownKeyError, match="unknown key 'v999999'"):
+        index.neighbours("v999999", 5)
+
+
+def test_broken_index_folders_are_refused(tmp_path):
+    x = clustered(600, 16, seed=7)
+    write_vectors(tmp_path / "emb", x, part_rows=300)
+    build_index(tmp_path / "emb", tmp_path / "a", **QUIET)
+    write_vectors(tmp_path / "emb2", x[:500], part_rows=300)
+    build_index(tmp_path / "emb2", tmp_path / "b", **QUIET)
+    with pytest.raises(SearchIndexError, match="16-d embeddings of model 'synthetic'.* embeds to 32-d"):
+        SearchIndex(tmp_path / "a").check_model(32, "other")
+    shutil.copy(tmp_path / "b" / "metadata.parquet", tmp_path / "a" / "metadata.parquet")
+    with pytest.raises(SearchIndexError, match="has 500 rows but index.faiss holds 600 vectors"):
+        SearchIndex(tmp_path / "a")
+    shutil.copy(tmp_path / "b" / "index.faiss", tmp_path / "a" / "index.faiss")
+    with pytest.raises(SearchIndexError, match="from different builds"):
+        SearchIndex(tmp_path / "a")  # report.json still says 600
+    (tmp_path / "b" / "report.json").unlink()
+    with pytest.raises(SearchIndexError, match="report.json missing"):
+        SearchIndex(tmp_path / "b")
+    with pytest.raises(EmbeddingsError, match="not an output folder of `clipkit index embed`"):
+        build_index(tmp_path / "a", tmp_path / "c", **QUIET)
+
+
+def split_exports(tmp_path, x, cut):
+    write_vectors(tmp_path / "all", x, part_rows=500)
+    write_vectors(tmp_path / "first", x[:cut], part_rows=500)
+    # The second export's keys continue the first's, as two embed runs over two shard sets would.
+    second = write_vectors(tmp_path / "second", x[cut:], part_rows=500, key_prefix="w")
+    return second
+
+
+def test_merge_of_ivf_parts_equals_one_build_on_everything(tmp_path):
+    x = clustered(3000, 16, clusters=20, seed=8)
+    split_exports(tmp_path, x, 1800)
+    build_index(tmp_path / "all", tmp_path / "full", key="IVF16,SQ8", **QUIET)
+    build_index(tmp_path / "first", tmp_path / "A", trained=tmp_path / "full", **QUIET)
+    build_index(tmp_path / "second", tmp_path / "B", trained=tmp_path / "full", **QUIET)
+    report = merge_indexes([tmp_path / "A", tmp_path / "B"], tmp_path / "AB", log=lambda _: None)
+    assert report["ntotal"] == 3000
+    merged, full = SearchIndex(tmp_path / "AB"), SearchIndex(tmp_path / "full")
+    set_search_params(full.index, {"nprobe": 4})
+    set_search_params(merged.index, {"nprobe": 4})
+    q = clustered(40, 16, clusters=20, seed=9)
+    strip = lambda res: [[(r["id"], r["score"]) for r in rows] for rows in res]
+    assert strip(merged.search(q, 10)) == strip(full.search(q, 10))
+    # Metadata follows: ids past the first part are the second export's rows.
+    assert merged.rows([1800])[0]["key"] == "w000000"
+
+
+def test_merge_of_flat_parts_equals_one_flat_build(tmp_path):
+    x = clustered(900, 16, seed=10)
+    split_exports(tmp_path, x, 400)
+    for name in ("all", "first", "second"):
+        build_index(tmp_path / name, tmp_path / f"idx_{name}", **QUIET)
+    merge_indexes([tmp_path / "idx_first", tmp_path / "idx_second"], tmp_path / "m", log=lambda _: None)
+    q = x[:30]
+    strip = lambda res: [[r["id"] for r in rows] for rows in res]
+    assert strip(SearchIndex(tmp_path / "m").search(q, 10)) == strip(
+        SearchIndex(tmp_path / "idx_all").search(q, 10)
+    )
+
+
+def test_merge_refuses_separately_trained_or_mismatched_indexes(tmp_path):
+    x = clustered(3000, 16, seed=11)
+    split_exports(tmp_path, x, 1500)
+    build_index(tmp_path / "first", tmp_path / "A", key="IVF16,Flat", **QUIET)
+    build_index(tmp_path / "second", tmp_path / "B", key="IVF16,Flat", seed=1, **QUIET)
+    with pytest.raises(MergeError, match="trained separately .* --trained"):
+        merge_indexes([tmp_path / "A", tmp_path / "B"], tmp_path / "AB", log=lambda _: None)
+    build_index(tmp_path / "second", tmp_path / "C", key="IVF16,SQ8", **QUIET)
+    with pytest.raises(MergeError, match="index_key differs"):
+        merge_indexes([tmp_path / "A", tmp_path / "C"], tmp_path / "AC", log=lambda _: None)

@@ -1,0 +1,99 @@
+"""The index chooser: decisions for several (n, d, budget) cases, and honest size estimates."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from clipkit.index import choose
+
+
+def keys(n, d, budget):
+    return [c.key for c in choose.plan(n, d, choose.parse_memory(budget)).candidates]
+
+
+def test_parse_memory():
+    assert choose.parse_memory("512MB") == 512 * 2**20
+    assert choose.parse_memory("1.5G") == int(1.5 * 2**30)
+    assert choose.parse_memory("300MiB") == 300 * 2**20
+    assert choose.parse_memory("4096") == 4096
+    for bad in ("", "lots", "-1MB", "0"):
+        with pytest.raises(choose.IndexChoiceError, match="memory size"):
+            choose.parse_memory(bad)
+
+
+def test_small_collections_are_searched_exactly():
+    assert keys(5_000, 256, "512MB") == ["Flat"]
+    assert keys(20_000, 512, "1G") == ["Flat"]
+
+
+def test_mid_size_compares_hnsw_with_ivf():
+    p = choose.plan(60_000, 256, choose.parse_memory("1G"))
+    assert [c.key for c in p.candidates][:3] == ["HNSW32", "IVF1024,SQ8", "IVF1024,Flat"]
+    assert p.compare_families == 2
+    # With 40 MB, neither the graph (~78 MB) nor IVF-Flat fits: SQ8 first, then product codes.
+    p = choose.plan(60_000, 256, choose.parse_memory("40MB"))
+    assert p.candidates[0].key == "IVF1024,SQ8"
+    assert p.compare_families == 1
+    assert {c.key for c, _ in p.rejected} == {"HNSW32", "IVF1024,Flat"}
+
+
+def test_the_benchmark_case_1m_x_256_in_512mb():
+    p = choose.plan(1_000_000, 256, choose.parse_memory("512MB"))
+    got = [c.key for c in p.candidates]
+    # Flat (1 GB) and IVF-Flat do not fit; SQ8 (256 MB of codes) is the most exact code that does.
+    assert got[0] == "IVF4096,SQ8"
+    assert got[1:] == [
+        "IVF4096,PQ128",
+        "OPQ64,IVF4096,PQ64",
+        "OPQ32,IVF4096,PQ32",
+        "OPQ16,IVF4096,PQ16",
+        "OPQ8,IVF4096,PQ8",
+    ]
+    assert "IVF4096,Flat" in {c.key for c, _ in p.rejected}
+    assert 250 * 2**20 < p.candidates[0].index_bytes < 270 * 2**20  # 1M x (256 B code + 8 B id)
+
+
+def test_more_budget_and_tighter_budgets():
+    assert keys(1_000_000, 256, "2G")[:2] == ["IVF4096,SQ8", "IVF4096,Flat"]
+    assert keys(1_000_000, 256, "100MB")[0] == "OPQ64,IVF4096,PQ64"
+    assert keys(10_000_000, 768, "1G")[0] == "OPQ48,IVF16384,PQ48"
+    with pytest.raises(
+        choose.IndexChoiceError, match="no index of 100000000 x 256 vectors fits in 100.0 MiB"
+    ):
+        choose.plan(100_000_000, 256, choose.parse_memory("100MB"))
+
+
+def test_nlist_rule():
+    assert choose.ivf_nlist(1_000_000) == 4096
+    assert choose.ivf_nlist(100_000) == 1024
+    assert choose.ivf_nlist(30_000) == 512  # 4 sqrt(n) = 693 -> 512
+    assert choose.ivf_nlist(1_000) == 16  # at least 40 training points per list, floor 16
+
+
+@pytest.mark.parametrize("key", ["Flat", "HNSW32", "IVF64,Flat", "IVF64,SQ8", "IVF64,PQ16", "OPQ8,IVF64,PQ8"])
+def test_estimates_match_the_real_index(key):
+    """Oracle: the serialized size of a real index of that key (what loading it costs)."""
+    n, d = 6_000, 32
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    index = faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
+    if key.startswith("OPQ"):
+        faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0)).niter = 2
+    if "PQ" in key:  # only the sizes matter here: a quick, rough PQ training
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        ivf.do_polysemous_training = False
+        ivf.pq.cp.niter = 2
+    index.train(x[:2000] if "PQ" in key else x)
+    index.add(x)
+    real = len(faiss.serialize_index(index))
+    est = choose.estimate(key, n, d).index_bytes
+    assert abs(est - real) / real < 0.06, (key, est, real)
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(choose.IndexChoiceError, match="not one clipkit builds"):
+        choose.estimate("LSH", 1000, 32)
+    with pytest.raises(choose.IndexChoiceError, match="divisible"):
+        choose.estimate("IVF64,PQ7", 1000, 32)

@@ -156,42 +156,59 @@ def dense_fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     return a, m1 / b1 - a * b1
 
 
+def plan(opts: argparse.Namespace, impl: str, b: int, base: float, dense_points: dict) -> dict:
+    """The row of (impl, B) before it runs: simulated peak (clipkit), prediction, run or not."""
+    row: dict = {"impl": impl, "batch": b}
+    if IMPLS[impl][0] == "clipkit":
+        sim = spawn([impl, str(b), "--dim", str(opts.dim), "--meta"], 1, 3600)
+        row["sim_above_inputs_mb"] = sim["sim_peak_mb"] - sim["sim_inputs_mb"]
+        run_real, predicted = b <= opts.max_real, base + sim["sim_peak_mb"] * 1.3
+    else:
+        fit = dense_fit(dense_points.get(impl, []))
+        guess = 6 * 4 * b * b / MB  # ~6 (B, B) float32 buffers before any fit exists
+        predicted = base + (fit[0] * b * b + fit[1] * b if fit else guess)
+        run_real = predicted <= opts.dense_limit_gb * 1024
+        row["predicted_mb"] = predicted - base
+        if not run_real:
+            row["note"] = f"not run: predicted {predicted / 1024:.1f} GB > --dense-limit-gb"
+    if run_real and predicted > mem_available_mb() / 2:
+        run_real = False
+        row["note"] = f"not run: needs ~{predicted / 1024:.1f} GB, {mem_available_mb() / 1024:.1f} available"
+    row["run"] = run_real
+    return row
+
+
 def measure(opts: argparse.Namespace) -> tuple[float, list[dict]]:
+    """Every (impl, B) once; at ``--time-sizes`` ``--rounds`` times, impls interleaved (the
+    machine's load drifts: the paired runs of one round saw about the same load)."""
     base = spawn(["bare"], opts.threads, 600)["peak_mb"]
     print(f"bare torch: {base:.0f} MB peak RSS", flush=True)
     rows: list[dict] = []
     dense_points: dict[str, list[tuple[int, float]]] = {}
     for b in opts.sizes:
-        for impl in opts.impls:
-            tool = IMPLS[impl][0]
-            row: dict = {"impl": impl, "batch": b}
-            if tool == "clipkit":
-                sim = spawn([impl, str(b), "--dim", str(opts.dim), "--meta"], opts.threads, 3600)
-                row.update(sim_above_inputs_mb=sim["sim_peak_mb"] - sim["sim_inputs_mb"])
-                run_real = b <= opts.max_real
-                predicted = base + sim["sim_peak_mb"] * 1.3
-            else:
-                fit = dense_fit(dense_points.get(impl, []))
-                guess = 6 * 4 * b * b / MB  # ~6 (B, B) float32 buffers before any fit exists
-                predicted = base + (fit[0] * b * b + fit[1] * b if fit else guess)
-                run_real = predicted <= min(opts.dense_limit_gb * 1024, mem_available_mb() / 2)
-                row["predicted_mb"] = predicted - base
-            if run_real and predicted > mem_available_mb() / 2:
-                run_real = False
-                row["note"] = (
-                    f"not run: needs ~{predicted / 1024:.1f} GB, {mem_available_mb() / 1024:.1f} available"
-                )
-            if run_real:
-                res = spawn(
-                    [impl, str(b), "--dim", str(opts.dim), "--iters", str(opts.iters)], opts.threads, 7200
-                )
-                row.update(res)
-                row["above_bare_mb"] = res["peak_mb"] - base
-                row["above_inputs_mb"] = res["peak_mb"] - res["rss_inputs_mb"]
-                if tool == "open_clip":
-                    dense_points.setdefault(impl, []).append((b, row["above_bare_mb"]))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        todo = [plan(opts, impl, b, base, dense_points) for impl in opts.impls]
+        timed = b in opts.time_sizes
+        for r in range(opts.rounds if timed else 1):
+            for row in todo if r % 2 == 0 else todo[::-1]:
+                if not row["run"]:
+                    continue
+                iters = opts.iters if timed else 1
+                args = [row["impl"], str(b), "--dim", str(opts.dim), "--iters", str(iters)]
+                res = spawn(args, opts.threads, 7200)
+                print(json.dumps(res), flush=True)
+                row.setdefault("walls", []).append(res["wall_s"])
+                row.setdefault("cpus", []).append(res["cpu_s"])
+                row.setdefault("loads", []).append(res["load"])
+                if "peak_mb" not in row:
+                    row.update(res)
+                    row["above_bare_mb"] = res["peak_mb"] - base
+                    row["above_inputs_mb"] = res["peak_mb"] - res["rss_inputs_mb"]
+        for row in todo:
+            if row["run"]:
+                row.update(wall_s=min(row["walls"]), cpu_s=min(row["cpus"]), load=min(row["loads"]))
+                if IMPLS[row["impl"]][0] == "open_clip":
+                    dense_points.setdefault(row["impl"], []).append((b, row["above_bare_mb"]))
+        rows += todo
     extrapolate(rows, base, opts.dim)
     return base, rows
 
@@ -225,7 +242,7 @@ def table(base: float, rows: list[dict]) -> str:
         "",
         (
             "| loss | B | peak RSS | above bare | above inputs | simulated above inputs "
-            "| wall s | CPU s | load avg |"
+            "| wall s | CPU s | load avg / note |"
         ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -248,18 +265,21 @@ def table(base: float, rows: list[dict]) -> str:
 
 
 def ratios(rows: list[dict], b: int) -> list[str]:
+    """clipkit / open_clip time at B: best against best, and the median of the paired rounds."""
     out = []
-    for ours, theirs in (
-        ("clipkit clip_tiled", "open_clip ClipLoss"),
-        ("clipkit siglip_tiled", "open_clip SigLipLoss"),
-    ):
-        a = next((r for r in rows if r["impl"] == ours and r["batch"] == b and "wall_s" in r), None)
-        c = next((r for r in rows if r["impl"] == theirs and r["batch"] == b and "wall_s" in r), None)
-        if a and c:
-            out.append(
-                f"- B = {b:,}: {ours} / {theirs}: wall {a['wall_s'] / c['wall_s']:.2f}x, "
-                f"CPU {a['cpu_s'] / c['cpu_s']:.2f}x"
-            )
+    pairs = (("clipkit clip_tiled", "open_clip ClipLoss"), ("clipkit siglip_tiled", "open_clip SigLipLoss"))
+    for ours, theirs in pairs:
+        a = next((r for r in rows if r["impl"] == ours and r["batch"] == b and "walls" in r), None)
+        c = next((r for r in rows if r["impl"] == theirs and r["batch"] == b and "walls" in r), None)
+        if not (a and c):
+            continue
+        paired = sorted(x / y for x, y in zip(a["walls"], c["walls"]))
+        walls = lambda r: ", ".join(f"{w:.1f}" for w in r["walls"])
+        out.append(
+            f"- B = {b:,}: {ours} / {theirs}: wall {a['wall_s'] / c['wall_s']:.2f}x best vs best, "
+            f"{paired[len(paired) // 2]:.2f}x median of {len(paired)} paired rounds; "
+            f"CPU {a['cpu_s'] / c['cpu_s']:.2f}x (walls s: {walls(a)} vs {walls(c)})"
+        )
     return out
 
 
@@ -269,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS), metavar="IMPL")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--iters", type=int, default=2, help="forward+backward runs per child; best time kept")
-    p.add_argument("--timed-max", type=int, default=16384, help="larger B run once, not --iters times")
+    p.add_argument("--time-sizes", type=int, nargs="*", default=[16384], help="B timed over --rounds")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved runs per impl at --time-sizes")
+    p.add_argument("--iters", type=int, default=2, help="forward+backward per timed child; best kept")
     p.add_argument("--max-real", type=int, default=65536, help="largest B clipkit runs for real")
     p.add_argument(
         "--dense-limit-gb", type=float, default=8.0, help="largest predicted open_clip peak to run"
@@ -303,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         section = (
             f"\n## Loss memory: tiled clipkit losses vs open_clip ({stamp})\n\n"
             f"```\n{cmd}\n```\n\nD = {opts.dim}, float32, forward + backward, {opts.threads} threads, "
-            f"CPU; best of {opts.iters} iterations.\n\n{text}\n"
+            f"CPU; timed sizes: best of {opts.iters} iterations per run, {opts.rounds} interleaved runs."
+            f"\n\n{text}\n"
         )
         with RESULTS.open("a") as f:
             f.write(section)

@@ -48,6 +48,9 @@ class _Listed:
     def __iter__(self):
         return iter(self.samples)
 
+    def __len__(self) -> int:
+        return len(self.samples)
+
 
 def build_data(data_root: Path) -> tuple[Path, Path]:
     from data_tools import build_animal_mnist, build_emoji
@@ -119,8 +122,8 @@ def run_demo(overrides: list[str], data_root: Path, zeroshot_per_class: int) -> 
     animals = ClipBenchmarkWds(animal_dir)
     animals = _Listed(_balanced_subset(animals, zeroshot_per_class), animals)
     emoji_val = ClipBenchmarkWds(emoji_dir, split="val")
-    zs_feats = tower_feature_dataset(untrained, animals, cfg.eval.batch_size)
-    rt_feats = tower_feature_dataset(untrained, emoji_val, cfg.eval.batch_size)
+    zs_feats = tower_feature_dataset(untrained, animals, cfg.eval.batch_size, "Animal-MNIST")
+    rt_feats = tower_feature_dataset(untrained, emoji_val, cfg.eval.batch_size, "emoji val")
     before = score(untrained, zs_feats, rt_feats, cfg.eval.batch_size)
 
     print(f"[3/4] training {RECIPE.relative_to(REPO)}", flush=True)

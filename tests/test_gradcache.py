@@ -52,6 +52,7 @@ def make_batch(n: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {
         "image": torch.randn(n, 12, generator=g),
+        "image_features": torch.randn(n, 5, generator=g),  # a locked tower's features (cwcl's targets)
         "text": torch.randint(0, 50, (n, 6), generator=g),
         "idx": torch.arange(n),
         "key": [f"k{i}" for i in range(n)],
@@ -117,6 +118,21 @@ def test_equals_one_big_batch(case, micro):
     assert_grads_equal(grads(model), grads(ref_model), what=f"{case} micro={micro}")
     torch.testing.assert_close(res["losses"]["loss"], want["loss"].detach())
     assert res["out"]["image_emb"].shape == (16, 8) and not res["out"]["image_emb"].requires_grad
+
+
+EXAMPLE_ARGS = {"sogclr": {"num_samples": 16}, "isogclr": {"num_samples": 16}}
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_registered_loss(name):
+    batch, loss_fn = make_batch(16), LOSSES.build(name, **EXAMPLE_ARGS.get(name, {}))
+    ref_loss = copy.deepcopy(loss_fn)  # stateful losses: each run starts from the same state
+    model, ref_model = make_model(), make_model()
+    grad_cache_step(model, loss_fn, batch, 5)
+    reference(ref_model, ref_loss, batch)
+    assert_grads_equal(grads(model), grads(ref_model), what=name)
+    for (k, a), b in zip(loss_fn.state_dict().items(), ref_loss.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=lambda m, k=k: f"{name} state {k}: {m}")
 
 
 def test_dropout_is_replayed_and_the_rng_stream_continues_as_after_one_pass():

@@ -105,6 +105,7 @@ def run_embed(args: argparse.Namespace) -> int:
         source,
         args.out,
         model_name=name,
+        model_overrides=args.override,
         modality=args.modality,
         batch_size=args.batch_size,
         dtype=args.dtype,
@@ -114,7 +115,7 @@ def run_embed(args: argparse.Namespace) -> int:
     )
     state.wait_for_everyone()
     if state.is_main_process:
-        info = finish(args.out, config | {"model_overrides": args.override}, parts)
+        info = finish(args.out, config, parts)
         print(
             f"{info['rows']} embeddings of width {info['dim']} in {args.out}; skipped: {info['skipped'] or 'none'}"
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from clipkit.evaluation.embed import eval_mode, image_batches, model_device
 
@@ -49,13 +50,17 @@ class _TowerView(nn.Module):
         return self.model.image_transform(False)
 
 
-def tower_feature_dataset(model: nn.Module, dataset: Iterable[dict[str, Any]], batch_size: int = 64) -> FeatureDataset:
+def tower_feature_dataset(
+    model: nn.Module, dataset: Iterable[dict[str, Any]], batch_size: int = 64, desc: str = "image tower"
+) -> FeatureDataset:
     """Run ``model``'s vision tower once over ``dataset``; keep outputs on the CPU."""
     view = _TowerView(model)
     device = model_device(model)
     samples: list[dict[str, Any]] = []
-    with eval_mode(model):
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    with eval_mode(model), tqdm(total=total, desc=desc, unit="img", leave=False) as bar:
         for batch in image_batches(view, dataset, batch_size, 0):
+            bar.update(len(batch["key"]))
             feats = model.tower_features(batch["image"].to(device)).float().cpu()  # (B, F)
             for i, key in enumerate(batch["key"]):
                 sample: dict[str, Any] = {"image": feats[i], "key": key}

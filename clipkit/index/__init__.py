@@ -1,0 +1,14 @@
+"""Search indexes over a collection: embed it, build the right FAISS index, query and serve it.
+
+    embed.py    collection -> sharded .npy embeddings + parquet metadata (layout: store.py)
+    sources.py  what embed reads: webdataset shards, an image folder, a manifest
+    choose.py   pure: candidate index keys and their memory for n, d and a budget
+    build.py    train on a sample, add part by part, tune nprobe / efSearch, report
+    search.py   load (memory-mapped), check, query by vector / key
+    query.py    command-line queries (text, image, batch file) -> rows
+    merge.py    join index folders built on separate parts
+    server.py   HTTP JSON API + search page (page.py)
+    model.py    --model SPEC -> a model
+
+The CLI is ``clipkit index {embed,build,merge,query,serve}`` (clipkit/cli/index_cmd.py).
+"""

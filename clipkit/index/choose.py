@@ -113,14 +113,14 @@ def _flat(n: int, d: int) -> Candidate:
     return Candidate("Flat", "flat", d * 4, 0, 0, size, size)
 
 
-def _hnsw(n: int, d: int, shard_rows: int) -> Candidate:
+def _hnsw(n: int, d: int, shard_rows: int, m: int = HNSW_M) -> Candidate:
     # Level 0 keeps 2M neighbour ids per node, upper levels M each with probability ~1/M per
     # level, so (2M + 1) int32 per node; plus int64 offsets and an int32 level per node.
-    per_vector = d * 4 + (2 * HNSW_M + 1) * 4 + 12
+    per_vector = d * 4 + (2 * m + 1) * 4 + 12
     size = n * per_vector
     # The neighbour tables grow by doubling too; one float32 shard is in memory while adding.
     peak = int(size * 1.2) + shard_rows * d * 4
-    return Candidate(f"HNSW{HNSW_M}", "hnsw", d * 4, 0, 0, size, peak)
+    return Candidate(f"HNSW{m}", "hnsw", d * 4, 0, 0, size, peak)
 
 
 def _ivf(n: int, d: int, nlist: int, code: str, shard_rows: int, opq: bool | None = None) -> Candidate:
@@ -153,12 +153,13 @@ def estimate(key: str, n: int, d: int, shard_rows: int = 10_000) -> Candidate:
     """The estimate for one explicit index key of the families above."""
     if key == "Flat":
         return _flat(n, d)
-    if key == f"HNSW{HNSW_M}":
-        return _hnsw(n, d, shard_rows)
+    hnsw = re.fullmatch(r"HNSW(\d+)", key)
+    if hnsw:
+        return _hnsw(n, d, shard_rows, int(hnsw.group(1)))
     m = re.fullmatch(r"(?:OPQ(\d+),)?IVF(\d+),(Flat|SQ8|PQ(\d+))", key)
     if not m or (m.group(1) and m.group(1) != m.group(4)):
         raise IndexChoiceError(
-            f"index key {key!r} is not one clipkit builds; use Flat, HNSW{HNSW_M}, IVF<nlist>,Flat, "
+            f"index key {key!r} is not one clipkit builds; use Flat, HNSW<M>, IVF<nlist>,Flat, "
             "IVF<nlist>,SQ8, IVF<nlist>,PQ<m> or OPQ<m>,IVF<nlist>,PQ<m>"
         )
     if m.group(4) and d % int(m.group(4)):

@@ -71,6 +71,7 @@ def embed_collection(
     out_dir: str | Path,
     *,
     model_name: str,
+    model_overrides: list[str] | None = None,
     modality: str = "image",
     batch_size: int = 64,
     dtype: str = "float16",
@@ -90,6 +91,7 @@ def embed_collection(
     dim = embed_texts(model, ["probe"]).shape[1]
     config = {
         "model": model_name,
+        "model_overrides": list(model_overrides or []),
         "modality": modality,
         "dtype": dtype,
         "dim": int(dim),

@@ -145,11 +145,14 @@ class App:
             members = self._tar_members.get(shard)
             if members is None:
                 members = {}
-                with tarfile.open(shard, "r:") as tar:
-                    for info in tar:
-                        parts = split_name(info.name)
-                        if info.isfile() and parts and parts[1] in IMAGE_EXTS and parts[0] not in members:
-                            members[parts[0]] = (info.name, info.offset_data, info.size)
+                try:
+                    with tarfile.open(shard, "r:") as tar:  # plain tars only: offsets index the file
+                        for info in tar:
+                            parts = split_name(info.name)
+                            if info.isfile() and parts and parts[1] in IMAGE_EXTS and parts[0] not in members:
+                                members[parts[0]] = (info.name, info.offset_data, info.size)
+                except (tarfile.TarError, OSError):
+                    pass  # compressed or damaged: its images are not served (404)
                 self._tar_members[shard] = members
                 while len(self._tar_members) > 8:
                     self._tar_members.popitem(last=False)

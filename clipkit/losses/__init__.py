@@ -23,6 +23,7 @@ from clipkit.losses import (  # noqa: F401  (importing a module registers its lo
     sogclr,
     tiled_clip,
     tiled_siglip,
+    tiled_zoo,
 )
 from clipkit.losses.base import LOSSES
 from clipkit.losses.stats import embedding_stats
@@ -40,7 +41,7 @@ def build_loss(cfg: LossConfig) -> nn.Module:
     missing = [
         p.name
         for p in params
-        if p.default is p.empty and p.kind is not p.VAR_KEYWORD and p.name not in cfg.args
+        if p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in cfg.args
     ]
     if missing:
         raise TypeError(

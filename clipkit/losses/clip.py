@@ -29,6 +29,7 @@ class ClipLoss(nn.Module):
     O(B N) instead of O(N^2)); use it with ``gather_with_grad``. ``gather_with_grad``: see
     ``clipkit.losses.gather`` (true gives the exact global-batch gradient under DDP).
     Needs ``out["image_emb"], out["text_emb"], out["logit_scale"]``.
+    Tiled (memory O(N D), same options): ``clip_tiled``.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, label_smoothing: float = 0.0):

@@ -28,6 +28,12 @@ class ClipUniformAlignLoss(nn.Module):
     default weights (1, 1, 0); its L_CUAXU adds the cross-modal term (weight 1).
     ``L_clip`` is ``clip`` without local loss. Needs ``out["image_emb"], out["text_emb"],
     out["logit_scale"]``.
+
+    Tiling: no tiled version yet (memory O(N^2)). The maths allows one: ``L_clip`` is
+    ``clip_tiled``'s and each uniformity term is a logsumexp over pairs of
+    ``-t ||x_i - x_j||^2 = 2t x_i.x_j - t|x_i|^2 - t|x_j|^2``, which needs the kernel of
+    ``clipkit.losses.tiled`` to take row and column offsets (and their gradients).
+    Gradient caching (``clipkit.training.gradcache``) works as for any loss.
     """
 
     def __init__(

@@ -30,6 +30,7 @@ class CwclLoss(nn.Module):
     ``out["image_tower_features"]`` (``targets_from="image"``, LiT's locked image tower;
     when absent, ``batch["image_features"]``, the feature cache's outputs of that tower,
     is used) or ``out["text_tower_features"]`` (``targets_from="text"``).
+    Tiled (memory O(N (D + F))): ``cwcl_tiled``.
     """
 
     def __init__(self, targets_from: str = "image"):

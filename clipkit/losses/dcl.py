@@ -36,7 +36,7 @@ class DecoupledLoss(nn.Module):
     ``s``: with the model's learned scale it rises to the model's clamp
     (``max_logit_scale``); the paper uses a fixed ``temperature`` (0.1 for SimCLR).
     Needs ``out["image_emb"], out["text_emb"], out["logit_scale"]`` (the scale only when
-    ``temperature`` is None).
+    ``temperature`` is None). Tiled (memory O(N D)): ``dcl_tiled``.
     """
 
     def __init__(self, temperature: float | None = None):
@@ -67,6 +67,7 @@ class DecoupledWeightedLoss(DecoupledLoss):
 
     so that pairs already close (little signal) weigh less. As in the authors' code the
     weight is not detached. Same keys and ``temperature`` as ``dcl``; ``sigma`` = 0.5.
+    Tiled (memory O(N D)): ``dclw_tiled``.
     """
 
     def __init__(self, temperature: float | None = None, sigma: float = 0.5):

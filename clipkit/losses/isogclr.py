@@ -33,6 +33,9 @@ class ISogClrLoss(GlobalContrastiveBase):
     and the batch's mean temperatures. All state (``log_u_*``, ``tau_*``, ``tau_m_*``, size
     ``num_samples``) is in the state_dict. Needs ``out["image_emb"], out["text_emb"]`` and
     ``batch["idx"]`` in [0, num_samples); ``out["logit_scale"]`` is not used.
+
+    Tiling: no tiled version yet, as ``sogclr`` (the temperature step also needs the row
+    sums of ``w_ij z_ij``). Gradient caching works (the loss runs once per step).
     """
 
     def __init__(

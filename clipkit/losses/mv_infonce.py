@@ -32,6 +32,11 @@ class MultiViewInfoNceLoss(nn.Module):
     image-text interactions are scored (like CLIP); with one row per instance this is
     ``-log(2 e^{z_ii} / (sum_c e^{z_ic} + sum_r e^{z_ri}))``. Needs ``out["image_emb"],
     out["text_emb"], out["logit_scale"]`` and ``batch[group_key]`` (ids >= 0).
+
+    Tiling: no tiled version yet (memory O(N^2)). The maths allows one: the energy is the
+    row and column logsumexps of ``clipkit.losses.tiled.softmax_xent``; the positives are
+    logsumexps over each instance's own pairs, O(sum of squared group sizes) from an index
+    list. Gradient caching (``clipkit.training.gradcache``) works as for any loss.
     """
 
     def __init__(self, group_key: str = "idx"):

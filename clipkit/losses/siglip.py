@@ -25,8 +25,9 @@ class SigLipLoss(nn.Module):
 
     (open_clip's normalisation: a sum over pairs divided by the local batch size).
     Distributed: every rank all-gathers the texts with gradient and scores its own
-    images against them, which equals open_clip's ``dist_impl="gather"``; a ring
-    (neighbour-exchange) variant is not implemented. Needs ``out["image_emb"],
+    images against them, which equals open_clip's ``dist_impl="gather"``; the ring
+    (neighbour-exchange) variant is ``siglip_tiled(dist_impl="ring")``. Tiled (memory
+    O(B D)): ``siglip_tiled``. Needs ``out["image_emb"],
     out["text_emb"], out["logit_scale"], out["logit_bias"]``.
     """
 

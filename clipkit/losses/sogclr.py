@@ -108,6 +108,12 @@ class SogClrLoss(GlobalContrastiveBase):
     Gradients are ``tau`` times those of InfoNCE at scale ``1/tau``: tune the lr for it.
     Needs ``out["image_emb"], out["text_emb"]`` and ``batch["idx"]`` in [0, num_samples);
     ``out["logit_scale"]`` is not used.
+
+    Tiling: no tiled version yet (memory O(N^2)). The maths allows one: ``g_i`` and the
+    surrogate's weights are row sums of ``exp(d_ij / tau_i)``, which needs a per-row scale
+    in the kernel of ``clipkit.losses.tiled``. Gradient caching
+    (``clipkit.training.gradcache``) works: the loss, and its state update, runs once per
+    step over the whole batch.
     """
 
     def __init__(self, num_samples: int, temperature: float = 0.01, gamma: float = 0.9):

@@ -57,11 +57,17 @@ def tile_bytes(tile: int, elem_bytes: int) -> int:
     return TILE_BUFFERS * tile * tile * elem_bytes
 
 
-def _blocks(n_x: int, n_y: int, tile: int):
-    """(i0, i1, j0, j1) of every block, row-block major."""
-    for i0 in range(0, n_x, tile):
-        for j0 in range(0, n_y, tile):
-            yield i0, min(i0 + tile, n_x), j0, min(j0 + tile, n_y)
+def _row_blocks(x: torch.Tensor, scale: torch.Tensor, tile: int):
+    """``(i0, i1, scale * x[i0:i1])`` of every row block (the scale folded into the (ti, D)
+    rows once, instead of into every (ti, tj) block of logits)."""
+    for i0 in range(0, x.shape[0], tile):
+        i1 = min(i0 + tile, x.shape[0])
+        yield i0, i1, x[i0:i1] * scale
+
+
+def _cols(n: int, tile: int):
+    for j0 in range(0, n, tile):
+        yield j0, min(j0 + tile, n)
 
 
 def _diag(block: torch.Tensor, i0: int, j0: int, offset: int | None):
@@ -95,25 +101,26 @@ def _xent_forward(x, y, scale, tile: int, rows: bool, cols: bool, o: Xent):
     nx, ny = x.shape[0], y.shape[0]
     lse_r, lse_c = x.new_full((nx if rows else 0,), -math.inf), x.new_full((ny if cols else 0,), -math.inf)
     lin_r, lin_c = torch.zeros_like(lse_r), torch.zeros_like(lse_c)  # the linear terms
-    for i0, i1, j0, j1 in _blocks(nx, ny, tile):
-        z = torch.mm(x[i0:i1], y[j0:j1].T).mul_(scale)  # (ti, tj) logits of the block
-        d = _diag(z, i0, j0, o.pos_offset)
-        if d is not None and o.pos_weight:
+    for i0, i1, xs in _row_blocks(x, scale, tile):
+        for j0, j1 in _cols(ny, tile):
+            z = torch.mm(xs, y[j0:j1].T)  # (ti, tj) logits of the block
+            d = _diag(z, i0, j0, o.pos_offset)
+            if d is not None and o.pos_weight:
+                if rows:
+                    lin_r[d[1]].add_(d[0], alpha=o.pos_weight)
+                if cols:
+                    lin_c[d[2]].add_(d[0], alpha=o.pos_weight)
+            if o.smoothing:
+                if rows:
+                    lin_r[i0:i1].add_(z.sum(dim=1), alpha=o.smoothing / ny)
+                if cols:
+                    lin_c[j0:j1].add_(z.sum(dim=0), alpha=o.smoothing / nx)
+            if d is not None and o.exclude_pos:
+                d[0].fill_(-math.inf)
             if rows:
-                lin_r[d[1]].add_(d[0], alpha=o.pos_weight)
+                lse_r[i0:i1] = torch.logaddexp(lse_r[i0:i1], torch.logsumexp(z, dim=1))
             if cols:
-                lin_c[d[2]].add_(d[0], alpha=o.pos_weight)
-        if o.smoothing:
-            if rows:
-                lin_r[i0:i1].add_(z.sum(dim=1), alpha=o.smoothing / ny)
-            if cols:
-                lin_c[j0:j1].add_(z.sum(dim=0), alpha=o.smoothing / nx)
-        if d is not None and o.exclude_pos:
-            d[0].fill_(-math.inf)
-        if rows:
-            lse_r[i0:i1] = torch.logaddexp(lse_r[i0:i1], torch.logsumexp(z, dim=1))
-        if cols:
-            lse_c[j0:j1] = torch.logaddexp(lse_c[j0:j1], torch.logsumexp(z, dim=0))
+                lse_c[j0:j1] = torch.logaddexp(lse_c[j0:j1], torch.logsumexp(z, dim=0))
     return lse_r, lse_c, lse_r - lin_r, lse_c - lin_c
 
 
@@ -121,40 +128,38 @@ def _xent_backward(x, y, scale, tile: int, lse_r, lse_c, g_r, g_c, o: Xent, dx, 
     """Accumulate dL/dx into ``dx``, dL/dy into ``dy``; return dL/dscale (0-dim, float64)."""
     nx, ny = x.shape[0], y.shape[0]
     ds = torch.zeros((), dtype=torch.float64, device=x.device)
-    for i0, i1, j0, j1 in _blocks(nx, ny, tile):
-        raw = torch.mm(x[i0:i1], y[j0:j1].T)  # (ti, tj) cosines (before the scale)
-        g = None  # dL/dz of the block: softmax - target, times the upstream gradient
-        for lse, grad, shape, sl in (
-            (lse_r, g_r, (-1, 1), slice(i0, i1)),
-            (lse_c, g_c, (1, -1), slice(j0, j1)),
-        ):
-            if grad is None:
+    for i0, i1, xs in _row_blocks(x, scale, tile):
+        acc = torch.zeros_like(xs)  # dL/dx of the row block, over the scale
+        for j0, j1 in _cols(ny, tile):
+            z = torch.mm(xs, y[j0:j1].T)  # (ti, tj) logits, recomputed
+            g = None  # dL/dz of the block: (softmax - target) times the upstream gradient
+            for lse, grad, shape, sl in (
+                (lse_r, g_r, (-1, 1), slice(i0, i1)),
+                (lse_c, g_c, (1, -1), slice(j0, j1)),
+            ):
+                if grad is None:
+                    continue
+                p = torch.sub(z, lse[sl].view(shape))
+                d = _diag(p, i0, j0, o.pos_offset) if o.exclude_pos else None
+                if d is not None:
+                    d[0].fill_(-math.inf)
+                p.exp_().mul_(grad[sl].view(shape))
+                if o.smoothing:
+                    p.sub_(grad[sl].view(shape), alpha=o.smoothing / (ny if shape[1] == 1 else nx))
+                g = p if g is None else g.add_(p)
+                del p
+            if g is None:
                 continue
-            p = raw.mul(scale)
-            d = _diag(p, i0, j0, o.pos_offset) if o.exclude_pos else None
+            d = _diag(g, i0, j0, o.pos_offset) if o.pos_weight else None
             if d is not None:
-                d[0].fill_(-math.inf)
-            p.sub_(lse[sl].view(shape)).exp_().mul_(grad[sl].view(shape))
-            if o.smoothing:
-                p.sub_(grad[sl].view(shape), alpha=o.smoothing / (ny if shape[1] == 1 else nx))
-            g = p if g is None else g.add_(p)
-            del p
-        if g is None:
-            continue
-        d = _diag(g, i0, j0, o.pos_offset) if o.pos_weight else None
-        if d is not None:
-            for grad, idx in ((g_r, d[1]), (g_c, d[2])):
-                if grad is not None:
-                    d[0].sub_(grad[idx], alpha=o.pos_weight)
-        _accumulate(g, x[i0:i1], y[j0:j1], scale, dx[i0:i1], dy[j0:j1])
-        ds += torch.dot(g.flatten(), raw.flatten())
-    return ds
-
-
-def _accumulate(g, xi, yj, scale, dxi, dyj) -> None:
-    """dz = g (ti, tj) with z = scale * xi @ yj.T: dx_i += scale g @ yj, dy_j += scale g.T @ xi."""
-    dxi.addcmul_(torch.mm(g, yj), scale)  # the scale as a tensor: no host sync (GPU), runs on meta
-    dyj.addcmul_(torch.mm(g.T, xi), scale)
+                for grad, idx in ((g_r, d[1]), (g_c, d[2])):
+                    if grad is not None:
+                        d[0].sub_(grad[idx], alpha=o.pos_weight)
+            acc.addmm_(g, y[j0:j1])
+            dy[j0:j1].addmm_(g.T, xs)  # xs carries the scale
+            ds += torch.dot(g.flatten(), z.flatten())
+        dx[i0:i1].addcmul_(acc, scale)  # the scale as a tensor: no host sync (GPU), runs on meta
+    return ds / scale  # sum g * z / scale = sum g * (x . y)
 
 
 class _SoftmaxXent(torch.autograd.Function):
@@ -208,12 +213,13 @@ def softmax_xent(
 
 def _sigmoid_forward(x, y, scale, bias, tile: int, pos: int | None) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for i0, i1, j0, j1 in _blocks(x.shape[0], y.shape[0], tile):
-        w = torch.mm(x[i0:i1], y[j0:j1].T).mul_(-scale).sub_(bias)  # -z: every pair a negative ...
-        d = _diag(w, i0, j0, pos)
-        if d is not None:
-            d[0].neg_()  # ... but the positives: w = l * z
-        total -= F.logsigmoid(w).sum().double()  # block sum in float32 (a float64 sum would copy w)
+    for i0, _, xs in _row_blocks(x, -scale, tile):
+        for j0, j1 in _cols(y.shape[0], tile):
+            w = torch.mm(xs, y[j0:j1].T).sub_(bias)  # -z: every pair a negative ...
+            d = _diag(w, i0, j0, pos)
+            if d is not None:
+                d[0].neg_()  # ... but the positives: w = l * z
+            total -= F.logsigmoid(w).sum().double()  # block sum in float32 (a float64 sum would copy w)
     return total
 
 
@@ -221,19 +227,23 @@ def _sigmoid_backward(x, y, scale, bias, tile: int, pos: int | None, grad, dx, d
     """Accumulate into ``dx``, ``dy``; return (dL/dscale, dL/dbias), 0-dim float64."""
     ds = torch.zeros((), dtype=torch.float64, device=x.device)
     db = torch.zeros_like(ds)
-    for i0, i1, j0, j1 in _blocks(x.shape[0], y.shape[0], tile):
-        raw = torch.mm(x[i0:i1], y[j0:j1].T)  # (ti, tj) cosines
-        g = raw.mul(scale).add_(bias)  # z
-        d = _diag(g, i0, j0, pos)
-        z_pos = None if d is None else d[0].clone()
-        g.sigmoid_()  # d/dz -log sigmoid(-z) = sigmoid(z) for a negative ...
-        if d is not None:
-            d[0].copy_(torch.sigmoid(z_pos.neg_()).neg_())  # ... -sigmoid(-z) for a positive
-        g.mul_(grad)
-        _accumulate(g, x[i0:i1], y[j0:j1], scale, dx[i0:i1], dy[j0:j1])
-        ds += torch.dot(g.flatten(), raw.flatten())
-        db += g.sum().double()
-    return ds, db
+    for i0, i1, xs in _row_blocks(x, scale, tile):
+        acc = torch.zeros_like(xs)
+        for j0, j1 in _cols(y.shape[0], tile):
+            sxy = torch.mm(xs, y[j0:j1].T)  # (ti, tj) scale * cosines
+            g = torch.add(sxy, bias)  # z
+            d = _diag(g, i0, j0, pos)
+            z_pos = None if d is None else d[0].clone()
+            g.sigmoid_()  # d/dz -log sigmoid(-z) = sigmoid(z) for a negative ...
+            if d is not None:
+                d[0].copy_(torch.sigmoid(z_pos.neg_()).neg_())  # ... -sigmoid(-z) for a positive
+            g.mul_(grad)
+            acc.addmm_(g, y[j0:j1])
+            dy[j0:j1].addmm_(g.T, xs)
+            ds += torch.dot(g.flatten(), sxy.flatten())
+            db += g.sum().double()
+        dx[i0:i1].addcmul_(acc, scale)
+    return ds / scale, db
 
 
 def _scalar_grads(ds: torch.Tensor, db: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor):

@@ -4,15 +4,17 @@
 
 - ``parameters``, ``gradients`` (trainable only), ``optimizer`` (AdamW: 2 x trainable) and,
   with several ranks, ``ddp_buckets`` (DDP's copy of the gradients): counted from the model;
+- ``batch``: the input batch on the device (bytes per synthetic sample x batch);
 - ``activations``: what autograd keeps per sample for the towers' backward, *measured*: the
-  model runs forward + backward on synthetic batches of 2 and 4 samples (images of the recipe's
-  size, or cached features when the feature cache applies; tokenized text), under the recipe's
-  precision, while ``LiveBytes`` counts the bytes of live tensor storage; the slope per sample
-  times the samples that go through the towers at once (the batch, or the gradient-caching
-  micro-batch);
-- ``embeddings``: with gradient caching, the whole batch's float32 embeddings (and their
-  gradients); with several ranks, the gathered (N, D) global batch and its gradient;
-- ``loss``: *measured* the same way on the configured loss at two small global batches and
+  model runs forward with autograd on synthetic batches of 2 and 4 samples (images of the
+  recipe's size, or cached features when the feature cache applies; tokenized text), under
+  the recipe's precision, while ``LiveBytes`` counts the bytes of live tensor storage; the
+  slope per sample times the samples that go through the towers at once (the batch, or the
+  gradient-caching micro-batch);
+- ``embeddings``: with gradient caching, the whole batch's float32 embeddings; with several
+  ranks, the gathered (N, D) global batch and its gradient;
+- ``loss``: *measured* (peak of forward + backward, embedding gradients included) on the
+  configured loss at two small global batches and
   fitted as ``a rows N + b N`` (rows = the rank's B for losses that score only local rows:
   ``siglip*``, ``clip*`` with ``local_loss``; else N); tiled losses are probed with a
   16-wide tile and get their real tile's blocks (``tiled.tile_bytes``) added.
@@ -23,8 +25,8 @@ CUDA context and library workspaces (~0.3-1 GB per GPU), the data loader and, on
 different tensors on another device (fused attention kernels) is measured as on the CPU.
 
 ``find_batch_size(cfg, budget)`` searches this prediction for the largest batch that fits,
-then runs one real training step at that batch (in this process, under ``LiveBytes``) and
-shrinks the batch while the measured peak exceeds the budget.
+then measures real training steps (in this process, under ``LiveBytes``) and moves the
+batch towards the budget from the measurements.
 
 The trainer's ``clipkit train --dry-run`` / ``--find-batch-size`` print ``format_estimate``.
 """
@@ -120,27 +122,30 @@ def _feature_cache_applies(cfg: Config, model: nn.Module) -> bool:
     return why_not_cached(cfg, model) is None
 
 
-def probe_activations(model: nn.Module, cfg: Config) -> int:
-    """Bytes per sample that a forward + backward through the towers keeps (measured).
+def probe_activations(model: nn.Module, cfg: Config) -> tuple[int, int]:
+    """``(activation bytes, input bytes)`` per sample of the towers (measured).
 
-    Leaves ``model`` in the mode it was in, with its ``.grad`` cleared."""
+    Activations: the tensor storage alive at the end of a forward with autograd (what the
+    backward will read, and the outputs), as a slope over ``PROBE_BATCHES`` so that
+    per-batch constants drop out. The backward's peak adds the parameter gradients (counted
+    separately) and one layer's activation gradients at a time. Inputs: the synthetic batch.
+    Leaves ``model`` in the mode it was in.
+    """
     device = next(model.parameters()).device
     cached = _feature_cache_applies(cfg, model)
     was_training = model.training
     model.train()
-    peaks = []
+    live, inputs = [], []
     for n in PROBE_BATCHES:
         batch = synthetic_batch(model, cfg, n, cached, device)
-        with LiveBytes() as mem:
-            with _autocast(cfg.train.precision, device):
-                out = model(batch)
-            surrogate = sum(v.float().sum() for v in out.values() if torch.is_tensor(v) and v.requires_grad)
-            if torch.is_tensor(surrogate):
-                surrogate.backward()
-        model.zero_grad(set_to_none=True)
-        peaks.append(mem.peak)
+        inputs.append(sum(v.numel() * v.element_size() for v in batch.values() if torch.is_tensor(v)))
+        with LiveBytes() as mem, _autocast(cfg.train.precision, device):
+            out = model(batch)
+            live.append(mem.live)
+        del out
     model.train(was_training)
-    return max(0, round((peaks[1] - peaks[0]) / (PROBE_BATCHES[1] - PROBE_BATCHES[0])))
+    span = PROBE_BATCHES[1] - PROBE_BATCHES[0]
+    return max(0, round((live[1] - live[0]) / span)), round((inputs[1] - inputs[0]) / span)
 
 
 def _loss_probe_inputs(n: int, d: int, loss_args: dict) -> tuple[dict, dict]:
@@ -203,6 +208,7 @@ class MemoryModel:
     param_bytes: int
     trainable_bytes: int
     activation_per_sample: int
+    input_per_sample: int
     loss_quadratic: float
     loss_linear: float
     feature_cache: bool
@@ -219,6 +225,7 @@ class MemoryModel:
         params = list(model.parameters())
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
         a, b = probe_loss(cfg)
+        act, inp = probe_activations(model, cfg)
         return cls(
             cfg=cfg,
             world_size=world_size,
@@ -226,7 +233,8 @@ class MemoryModel:
             n_params=sum(p.numel() for p in params),
             param_bytes=nbytes(params) + nbytes(model.buffers()),
             trainable_bytes=nbytes(p for p in params if p.requires_grad),
-            activation_per_sample=probe_activations(model, cfg),
+            activation_per_sample=act,
+            input_per_sample=inp,
             loss_quadratic=a,
             loss_linear=b,
             feature_cache=_feature_cache_applies(cfg, model),
@@ -259,6 +267,7 @@ class MemoryModel:
             "gradients": self.trainable_bytes,
             "optimizer": 2 * self.trainable_bytes,
             "ddp_buckets": self.trainable_bytes if world > 1 else 0,
+            "batch": self.input_per_sample * batch,
             "activations": self.activation_per_sample * through,
             "embeddings": embeddings,
             "loss": round(loss),
@@ -268,10 +277,11 @@ class MemoryModel:
             "gradients": "trainable parameters (counted)",
             "optimizer": "AdamW exp_avg + exp_avg_sq (counted)",
             "ddp_buckets": "DDP gradient buckets (counted)",
+            "batch": f"the input batch on the device, {self.input_per_sample:,} bytes/sample",
             "activations": (
                 f"{self.activation_per_sample / MiB:.3f} MiB/sample x {through} "
                 f"{'(gradient-caching micro-batch)' if self.micro_batch else 'samples'} "
-                f"(measured at batch {PROBE_BATCHES[0]} and {PROBE_BATCHES[1]}, "
+                f"(measured after a forward at batch {PROBE_BATCHES[0]} and {PROBE_BATCHES[1]}, "
                 f"{'cached image features' if self.feature_cache else 'images'}, {self.cfg.train.precision})"
             ),
             "embeddings": "whole-batch float32 embeddings (gradient caching), gathered (N, D) + grads (ranks)",
@@ -337,7 +347,7 @@ def _largest_fitting(mm: MemoryModel, budget: int, high: int) -> int:
 
 
 def measure_step(cfg: Config, batch: int, micro_batch: int | None, device: torch.device | str = "cpu") -> int:
-    """Peak bytes (``LiveBytes``) of building the model and running one real training step
+    """Peak bytes (``LiveBytes``) of building the model and running two real training steps
     (forward, loss, backward, AdamW step) at ``batch`` synthetic samples, on one process."""
     from clipkit.losses import build_loss
     from clipkit.models import build_model
@@ -371,14 +381,17 @@ def find_batch_size(
     micro_batch: int | None = None,
     verify: bool = True,
     max_batch: int = 2**22,
+    tries: int = 4,
     device: torch.device | str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> int:
     """Largest per-rank batch whose step fits ``budget_bytes`` per device.
 
     The prediction (``MemoryModel``) is searched first. With ``verify`` (one process only)
-    a real step at that batch is measured (``measure_step``) and the batch is shrunk in
-    proportion while the measurement exceeds the budget (at most 4 tries). On the CPU the
+    real steps are then measured (``measure_step``, at most ``tries``): each next batch is
+    where the line through the last two measurements (the first: through the prediction's
+    slope) reaches 97% of the budget, kept between the largest batch measured to fit and
+    the smallest measured not to. Returns the largest batch measured to fit. On the CPU the
     budget must leave room in the memory available now. Raises when not even 1 sample fits.
     """
     log = log or (lambda _: None)
@@ -398,15 +411,27 @@ def find_batch_size(
         return b
     if device.type == "cpu":
         _check_room(budget_bytes)
-    for _ in range(4):
+    fits, fails = 0, max_batch + 1  # largest batch measured to fit, smallest measured not to
+    slope = (mm.predict(b)["total"] - mm.predict(max(1, b // 2))["total"]) / max(1, b - b // 2)
+    last: tuple[int, int] | None = None
+    for _ in range(tries):
         peak = measure_step(cfg, b, micro_batch if micro_batch and micro_batch < b else None, device)
         log(f"measured: batch {b:,} peaks at {peak / GiB:.2f} GiB")
         if peak <= budget_bytes:
-            return b
-        b = int(b * budget_bytes / peak * 0.97)
-        if b < 1:
+            fits = max(fits, b)
+        else:
+            fails = min(fails, b)
+        if last is not None and last[0] != b and peak != last[1]:
+            slope = max((peak - last[1]) / (b - last[0]), 1.0)
+        last = (b, peak)
+        target = b + int((0.97 * budget_bytes - peak) / max(slope, 1.0))
+        target = min(max(target, fits + 1), fails - 1)
+        if target == b or fits + 1 >= fails or (peak <= budget_bytes and peak >= 0.9 * budget_bytes):
             break
-    raise ClipkitError(f"no batch was measured to fit {budget_bytes / GiB:.2f} GiB (last tried {b:,})")
+        b = target
+    if fits < 1:
+        raise ClipkitError(f"no batch was measured to fit {budget_bytes / GiB:.2f} GiB (last tried {b:,})")
+    return fits
 
 
 def _check_room(budget_bytes: int) -> None:

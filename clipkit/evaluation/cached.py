@@ -63,7 +63,7 @@ def tower_feature_dataset(
             bar.update(len(batch["key"]))
             feats = model.tower_features(batch["image"].to(device)).float().cpu()  # (B, F)
             for i, key in enumerate(batch["key"]):
-                sample: dict[str, Any] = {"image": feats[i], "key": key}
+                sample: dict[str, Any] = {"image": feats[i].clone(), "key": key}  # own storage
                 if "label" in batch:
                     sample["label"] = int(batch["label"][i])
                 if "captions" in batch:

@@ -1,4 +1,6 @@
-"""Evaluation datasets in CLIP_benchmark's local webdataset layout.
+"""Evaluation datasets in tar shards: CLIP_benchmark's local webdataset layout and clipkit's own.
+
+CLIP_benchmark's layout (``ClipBenchmarkWds``):
 
 ```
 <root>/
@@ -14,6 +16,10 @@ label), a retrieval sample ``.txt`` with one caption per line (``str.splitlines`
 This is what ``clip_benchmark/datasets/builder.py::build_wds_dataset`` reads. There,
 ``nshards.txt`` is mandatory and selects ``0.tar .. (n-1).tar``; here, without it, every
 ``*.tar`` of the split folder is read in natural order.
+
+clipkit's shards (``ClipkitShards``, written by ``clipkit data build``) are read the same
+way from a folder of ``*.tar`` or a shard spec; their metadata files, when present, sit
+beside the shards or one folder up.
 """
 
 from __future__ import annotations
@@ -26,12 +32,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from clipkit.data import decode as data_decode
 from clipkit.data import tario
-from clipkit.errors import ClipkitError
+from clipkit.evaluation.source import EvalDataError, EvalSource
 from clipkit.registry import suggest
 
 # CLIP_benchmark's `to_tuple(["webp", "png", "jpg", "jpeg"], ...)`: the first present wins.
@@ -42,10 +47,7 @@ TYPE_FILE = "dataset_type.txt"
 DATASET_TYPES = {"classification": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
 ALPHA_MODES = ("white", "drop")
 _WANTED = frozenset(IMAGE_EXTS + ("cls", "txt"))
-
-
-class EvalDataError(ClipkitError, ValueError):
-    """An evaluation dataset that is missing, malformed or empty."""
+_META = (CLASSNAMES_FILE, TEMPLATES_FILE, TYPE_FILE)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -118,55 +120,126 @@ def check_templates(templates: list[str], source: str = "templates") -> list[str
     return templates
 
 
-# ----------------------------------------------------------------------------- dataset
+# ----------------------------------------------------------------------------- datasets
 
 
 def _natural(path: Path) -> tuple[int, int | str]:
     return (0, int(path.stem)) if path.stem.isdigit() else (1, path.name)
 
 
-class ClipBenchmarkWds(torch.utils.data.IterableDataset):
-    """One split of a CLIP_benchmark local webdataset folder.
+def _read_type(root: Path) -> str | None:
+    """``dataset_type.txt`` of ``root`` as "classification" / "retrieval", or None without one."""
+    path = root / TYPE_FILE
+    if not path.is_file():
+        return None
+    kind = path.read_text(encoding="utf-8").strip().lower()
+    if kind == "multilabel":
+        raise EvalDataError(f"{path}: multi-label datasets (mean average precision) are not supported yet")
+    if kind not in DATASET_TYPES:
+        known = list(DATASET_TYPES)
+        raise EvalDataError(f"{path}: unknown dataset type '{kind}';{suggest(kind, known)} known: {known}")
+    return kind
 
-    Iterating yields ``{"image": PIL RGB, "label": int, "key": str}`` (classification)
-    or ``{"image", "captions": list[str], "key"}`` (retrieval). With DataLoader workers,
-    shards are divided among them.
+
+def read_classnames(path: Path, needed_for: str = "zero-shot classification") -> list[str]:
+    """One class name per line, in label order; blank lines dropped."""
+    if not path.is_file():
+        raise EvalDataError(
+            f"'{path.parent}' has no {path.name}, needed for {needed_for} "
+            "(one class name per line, in label order)"
+        )
+    names = [line for _, line in _lines(path)]
+    if not names:
+        raise EvalDataError(f"{path}: no class names")
+    return names
+
+
+def read_templates(path: Path) -> list[str]:
+    """One prompt per line with ``{c}``; a bad line is named by number."""
+    if not path.is_file():
+        raise EvalDataError(
+            f"'{path.parent}' has no {path.name}, needed for zero-shot classification "
+            "(one prompt per line, e.g. 'a photo of a {c}.')"
+        )
+    numbered = _lines(path)
+    for lineno, template in numbered:
+        if err := _template_error(f"{path}:{lineno}", template):
+            raise EvalDataError(err)
+    return check_templates([t for _, t in numbered], str(path))
+
+
+class TarSource(EvalSource):
+    """Webdataset tar shards of image + ``.cls`` (classification) or ``.txt`` (retrieval) samples.
+
+    Iterating yields ``{"image": PIL RGB, "label": int, "key", "order"}`` or
+    ``{"image", "captions": list[str], "key", "order"}``; see ``source.EvalSource`` for how
+    ranks and loader workers divide the shards. Class names and templates are read from
+    ``meta_dir`` (``classnames.txt``, ``zeroshot_classification_templates.txt``) on first use.
     """
+
+    def __init__(self, shards: list[Path], dataset_type: str, meta_dir: Path, name: str, alpha: str):
+        if alpha not in ALPHA_MODES:
+            raise EvalDataError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
+        self.shards, self.dataset_type, self.meta_dir = shards, dataset_type, meta_dir
+        self.name, self.alpha = name, alpha
+        self.task = DATASET_TYPES[dataset_type]
+
+    @cached_property
+    def classnames(self) -> list[str]:
+        return read_classnames(self.meta_dir / CLASSNAMES_FILE)
+
+    @cached_property
+    def templates(self) -> list[str]:
+        return read_templates(self.meta_dir / TEMPLATES_FILE)
+
+    def units(self) -> list[Path]:
+        return self.shards
+
+    def read_unit(self, unit: Path) -> Iterator[dict[str, Any]]:
+        return iter_tar_samples(unit)
+
+    def describe(self) -> str:
+        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.shards]
+        return f"{stats}|{self.dataset_type}|alpha={self.alpha}"
+
+    def decode(self, raw: dict[str, Any], unit: Path) -> dict[str, Any]:
+        key = raw["__key__"]
+        where = f"{unit}: sample '{key}'"
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if ext is None:
+            found = sorted(k for k in raw if k != "__key__")
+            raise EvalDataError(f"{where} has no image (looked for {', '.join(IMAGE_EXTS)}; found {found})")
+        try:
+            image = decode_image(raw[ext], self.alpha)
+        except data_decode.SampleError as err:
+            raise EvalDataError(f"{where}: cannot decode .{ext}: {err}") from None
+        field = "txt" if self.dataset_type == "retrieval" else "cls"
+        if field not in raw:
+            raise EvalDataError(f"{where} has no .{field} member")
+        if field == "txt":
+            return {"image": image, "captions": raw["txt"].decode("utf-8").splitlines(), "key": key}
+        try:
+            label = int(raw["cls"])
+        except ValueError:
+            raise EvalDataError(f"{where}: .cls must be an integer, got {raw['cls'][:20]!r}") from None
+        return {"image": image, "label": label, "key": key}
+
+
+class ClipBenchmarkWds(TarSource):
+    """One split of a CLIP_benchmark local webdataset folder (module docstring)."""
 
     def __init__(self, root: str | Path, split: str = "test", alpha: str = "white"):
         self.root = Path(root)
         self.split = split
         if alpha not in ALPHA_MODES:
             raise EvalDataError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
-        self.alpha = alpha
         if not self.root.is_dir():
             raise EvalDataError(f"evaluation dataset folder '{self.root}' does not exist")
-        self.dataset_type = self._read_type()
-        self.task = DATASET_TYPES[self.dataset_type]
-        self.shards = self._find_shards()
-
-    @property
-    def name(self) -> str:
-        return self.root.name
+        kind = _read_type(self.root) or "classification"
+        super().__init__(self._find_shards(), kind, self.root, self.root.name, alpha)
 
     def __repr__(self) -> str:
         return f"ClipBenchmarkWds('{self.root}', split='{self.split}', {len(self.shards)} shards)"
-
-    def _read_type(self) -> str:
-        path = self.root / TYPE_FILE
-        if not path.is_file():
-            return "classification"
-        kind = path.read_text(encoding="utf-8").strip().lower()
-        if kind == "multilabel":
-            raise EvalDataError(
-                f"{path}: multi-label datasets (mean average precision) are not supported yet"
-            )
-        if kind not in DATASET_TYPES:
-            known = list(DATASET_TYPES)
-            raise EvalDataError(
-                f"{path}: unknown dataset type '{kind}';{suggest(kind, known)} known: {known}"
-            )
-        return kind
 
     def _find_shards(self) -> list[Path]:
         folder = self.root / self.split
@@ -188,63 +261,44 @@ class ClipBenchmarkWds(torch.utils.data.IterableDataset):
             raise EvalDataError(f"no shards in '{folder}': expected *.tar files (and optionally nshards.txt)")
         return shards
 
-    @cached_property
-    def classnames(self) -> list[str]:
-        path = self.root / CLASSNAMES_FILE
-        if not path.is_file():
-            raise EvalDataError(
-                f"'{self.root}' has no {CLASSNAMES_FILE}, needed for zero-shot classification "
-                f"(one class name per line, in label order)"
-            )
-        names = [line for _, line in _lines(path)]
-        if not names:
-            raise EvalDataError(f"{path}: no class names")
-        return names
 
-    @cached_property
-    def templates(self) -> list[str]:
-        path = self.root / TEMPLATES_FILE
-        if not path.is_file():
-            raise EvalDataError(
-                f"'{self.root}' has no {TEMPLATES_FILE}, needed for zero-shot classification "
-                "(one prompt per line, e.g. 'a photo of a {c}.')"
-            )
-        numbered = _lines(path)
-        for lineno, template in numbered:
-            if err := _template_error(f"{path}:{lineno}", template):
-                raise EvalDataError(err)
-        return check_templates([t for _, t in numbered], str(path))
+class ClipkitShards(TarSource):
+    """clipkit's own shards (``clipkit data build``, ``ShardWriter``): a folder of ``*.tar`` or a
+    shard spec (brace pattern, ``::`` list). The task comes from ``dataset_type.txt`` beside the
+    shards, else from the first sample: ``.cls`` -> classification, ``.txt`` -> retrieval."""
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        shards = self.shards
-        info = torch.utils.data.get_worker_info()
-        if info is not None:
-            shards = shards[info.id :: info.num_workers]
-        for shard in shards:
-            for raw in iter_tar_samples(shard):
-                yield self._decode(raw, shard)
+    def __init__(self, spec: str, alpha: str = "white", name: str | None = None):
+        from clipkit.data.urls import ShardSpecError, expand_urls, is_local
 
-    def _decode(self, raw: dict[str, Any], shard: Path) -> dict[str, Any]:
-        key = raw["__key__"]
-        where = f"{shard}: sample '{key}'"
-        ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        if ext is None:
-            found = sorted(k for k in raw if k != "__key__")
-            raise EvalDataError(f"{where} has no image (looked for {', '.join(IMAGE_EXTS)}; found {found})")
         try:
-            image = decode_image(raw[ext], self.alpha)
-        except data_decode.SampleError as err:
-            raise EvalDataError(f"{where}: cannot decode .{ext}: {err}") from None
-        field = "txt" if self.dataset_type == "retrieval" else "cls"
-        if field not in raw:
-            raise EvalDataError(f"{where} has no .{field} member")
-        if field == "txt":
-            return {"image": image, "captions": raw["txt"].decode("utf-8").splitlines(), "key": key}
-        try:
-            label = int(raw["cls"])
-        except ValueError:
-            raise EvalDataError(f"{where}: .cls must be an integer, got {raw['cls'][:20]!r}") from None
-        return {"image": image, "label": label, "key": key}
+            urls = expand_urls(spec)
+        except ShardSpecError as err:
+            raise EvalDataError(str(err)) from None
+        if not all(is_local(u) for u in urls):
+            raise EvalDataError(f"shards '{spec}': only local shard files can be evaluated")
+        shards = [Path(u.removeprefix("file:")).expanduser() for u in urls]
+        folder = Path(spec).expanduser() if Path(spec).expanduser().is_dir() else shards[0].parent
+        # Metadata files sit beside the shards or one level up (data/emoji/{dataset_type.txt,val/}).
+        meta = next((d for d in (folder, folder.parent) if any((d / f).is_file() for f in _META)), folder)
+        kind = _read_type(meta) or self._sniff(shards[0])
+        self.spec = spec
+        super().__init__(shards, kind, meta, name or meta.name, alpha)
+
+    @staticmethod
+    def _sniff(shard: Path) -> str:
+        for raw in iter_tar_samples(shard):
+            if "cls" in raw:
+                return "classification"
+            if "txt" in raw:
+                return "retrieval"
+            break
+        raise EvalDataError(
+            f"cannot tell the task of '{shard}': its first sample has neither .cls nor .txt "
+            "(or the shard is empty); add dataset_type.txt (classification / retrieval)"
+        )
+
+    def __repr__(self) -> str:
+        return f"ClipkitShards('{self.spec}', {len(self.shards)} shards)"
 
 
 # ----------------------------------------------------------------------------- writing

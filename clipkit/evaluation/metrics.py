@@ -113,6 +113,7 @@ def faiss_topk(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch
     import faiss
 
     k = min(k, keys.shape[0])
+    faiss.omp_set_num_threads(torch.get_num_threads())  # as many threads as torch: no oversubscription
     index = faiss.IndexFlatIP(keys.shape[1])
     index.add(np.ascontiguousarray(keys.detach().cpu().float().numpy()))
     scores, idx = index.search(np.ascontiguousarray(queries.detach().cpu().float().numpy()), k)

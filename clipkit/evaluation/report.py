@@ -96,3 +96,35 @@ def format_table(
     out = [line(list(columns)), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells]
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- suite summary
+
+
+def summary_frame(rows: Sequence[dict[str, Any]]) -> Any:
+    """Long rows ``{"model", "dataset", "task", "metric", "value"}`` -> a pandas table with one
+    row per (dataset, task, metric) and one column per model, in first-seen order."""
+    import pandas as pd
+
+    df = pd.DataFrame(list(rows), columns=["model", "dataset", "task", "metric", "value"])
+    wide = df.pivot_table(index=["dataset", "task", "metric"], columns="model", values="value", sort=False)
+    wide.columns.name = None
+    return wide.reset_index()
+
+
+def to_markdown(df: Any, digits: int = 4) -> str:
+    """A pandas table as a GitHub markdown table (numbers to ``digits`` decimals)."""
+    header = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v, digits) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(rows: Sequence[dict[str, Any]], folder: str | Path) -> Any:
+    """``summary.csv`` and ``summary.md`` in ``folder``; returns the table."""
+    df = summary_frame(rows)
+    folder = Path(folder)
+    atomic_write_text(folder / "summary.csv", df.to_csv(index=False))
+    atomic_write_text(folder / "summary.md", to_markdown(df))
+    return df

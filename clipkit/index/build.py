@@ -5,9 +5,11 @@
    trivially found self-match does not count towards recall.
 2. Ground truth: exact inner-product top-k, streamed part by part (``faiss.knn`` + a heap).
 3. Candidates from ``choose.plan`` (or ``--key``); for each: train on a random sample, add the
-   parts one by one, tune ``nprobe`` / ``efSearch`` to the smallest value whose recall@k
-   reaches the target. The first candidate that reaches it wins; when one cannot (its codes
-   are too coarse), only candidates with finer codes or another structure are tried next.
+   parts one by one, tune ``nprobe`` / ``efSearch`` to the smallest value at which recall@k
+   reaches the target with 97.5% confidence (mean - 2 standard errors over the queries), so
+   that new queries reach it too. The first candidate that reaches it wins (between HNSW and
+   IVF in the mid-size band: the faster at batch 1); when one cannot, only candidates with
+   finer codes or another structure are tried next.
 4. Write ``index.faiss``, ``trained.faiss`` (the trained, empty index: build other shards
    with ``--trained`` to merge them later), ``metadata.parquet`` (row/``id`` i = FAISS id i)
    and ``report.json``, each atomically.

@@ -12,6 +12,7 @@ from clipkit.index.embed import embed_images, embed_texts
 from clipkit.index.search import SearchIndex
 
 BATCH = 64
+MAX_K = 10_000  # k rows per query are materialised; a typo like 10**9 must not allocate them
 
 
 class QueryError(ClipkitError, ValueError):
@@ -62,8 +63,8 @@ def read_queries(text: str | None = None, image: str | None = None, batch: str |
 
 def run_queries(index: SearchIndex, model: Any, queries: list[dict], k: int) -> list[dict[str, Any]]:
     """[{"query": q, "results": [row + score, ...]}, ...] in the order of ``queries``."""
-    if k < 1:
-        raise QueryError(f"k must be >= 1, got {k}")
+    if not 1 <= k <= MAX_K:
+        raise QueryError(f"k must be between 1 and {MAX_K}, got {k}")
     out: list[dict[str, Any]] = []
     for start in range(0, len(queries), BATCH):
         chunk = queries[start : start + BATCH]

@@ -23,7 +23,7 @@ Composes with: accumulation (``loss_scale`` = 1 / accumulation steps, ``sync`` o
 last), AMP (the model's forward under ``autocast``; the loss in float32 on upcast copies),
 DDP (all but the step's last backward under ``no_sync``; the loss gathers across ranks as
 usual, so the cached gradients are those of the global batch), stateful losses (the loss
-runs once per call). ``clipkit.training.loop`` calls it as documented in ``grad_cache_step``.
+runs once per call). The exact call from the training loop is in ``grad_cache_step``'s docstring.
 """
 
 from __future__ import annotations

@@ -1,0 +1,245 @@
+"""Export a clipkit model as an open_clip model, so any open_clip-based tool can evaluate it.
+
+``export_open_clip(spec, out)`` writes::
+
+    <out>/open_clip_config.json      {"model_cfg": ..., "preprocess_cfg": ...} (open_clip's local-dir layout)
+    <out>/open_clip_model.safetensors the weights, in open_clip's parameter names
+    <out>/<name>.json                the bare model config, for open_clip.add_model_config
+    <out>/config.json, tokenizer*     an hf text tower's config and tokenizer (not its weights)
+    <out>/README.md                  how to load it
+
+and then loads it back with open_clip and checks that it embeds images and texts as the
+clipkit model does. Load it with either of::
+
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:<out>")
+    open_clip.add_model_config("<out>/<name>.json")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "<name>", pretrained="<out>/open_clip_model.safetensors", image_mean=..., image_std=...)
+
+Mappings (clipkit -> open_clip):
+
+- ``timm:<arch>`` vision + linear projection -> ``vision_cfg.timm_model_name`` with
+  ``timm_pool`` = the trunk's pooling and ``timm_proj: linear`` (``vision.model.*`` ->
+  ``visual.trunk.*``, ``vision_proj.weight`` -> ``visual.head.proj.weight``);
+- ``hf:<dir>`` text + linear projection -> ``text_cfg.hf_model_name`` (a copy of the folder's
+  config and tokenizer) with ``hf_pooler_type: mean_pooler`` and ``hf_proj_type: linear``
+  (``text.model.*`` -> ``text.transformer.*``, ``text_proj.weight`` -> ``text.proj.weight``).
+  open_clip masks mean pooling with ``tokens != config.pad_token_id``, clipkit with the
+  tokenizer's pad id; the copied config is given the tokenizer's pad id so both agree;
+- ``open_clip:<config>`` on both sides with ``projection: none`` -> that config, with the run's
+  image size and context length, and the underlying open_clip weights unchanged.
+
+Other combinations (an ``mlp`` projection, whose open_clip text form has another shape;
+mixed families) are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from clipkit.data.atomic import atomic_write_bytes, atomic_write_text
+from clipkit.errors import ClipkitError
+
+HF_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+class ExportError(ClipkitError):
+    """A model that cannot be written as an open_clip model."""
+
+
+def _prefixed(sd: dict[str, Tensor], old: str, new: str) -> dict[str, Tensor]:
+    return {new + k[len(old) :]: v for k, v in sd.items() if k.startswith(old)}
+
+
+def _timm_pool(trunk: nn.Module) -> str:
+    pool = getattr(trunk, "global_pool", "avg")
+    return str(getattr(pool, "pool_type", pool) or "avg")
+
+
+def _copy_hf_dir(src: Path, dst: Path, pad_id: int) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in HF_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    cfg["pad_token_id"] = pad_id  # open_clip's mean-pooling mask reads it from here
+    atomic_write_text(dst / "config.json", json.dumps(cfg, indent=1))
+    return dst.resolve()
+
+
+def _timm_hf_mapping(model: nn.Module, cfg: Any, out: Path) -> tuple[dict, dict, dict[str, Tensor]]:
+    from clipkit.models.towers_hf import resolve_hf_dir
+
+    vision, text = model.vision, model.text
+    if cfg.projection != "linear":
+        raise ExportError(
+            f"projection '{cfg.projection}' has no open_clip equivalent for an hf text tower "
+            "(open_clip's hf 'mlp' head has no biases and another width); only 'linear' exports"
+        )
+    # The export folder doubles as the text tower's HF folder: open_clip's local-dir loader
+    # reads the tokenizer from the model folder itself.
+    hf_dir = _copy_hf_dir(resolve_hf_dir(text.spec.removeprefix("hf:")), out, text.pad_token_id)
+    model_cfg = {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {
+            "timm_model_name": vision.spec.removeprefix("timm:"),
+            "timm_model_pretrained": False,
+            "timm_pool": _timm_pool(vision.model),
+            "timm_proj": "linear",
+            "timm_proj_bias": False,
+            "image_size": vision.image_size,
+        },
+        "text_cfg": {
+            "hf_model_name": str(hf_dir),
+            "hf_tokenizer_name": str(hf_dir),
+            "hf_pooler_type": "mean_pooler",
+            "hf_proj_type": "linear",
+            "context_length": text.tokenizer.context_length,
+        },
+    }
+    preprocess = {
+        "size": vision.image_size,
+        "mean": list(vision.mean),
+        "std": list(vision.std),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+    sd = model.state_dict()
+    state = {
+        **_prefixed(sd, "vision.model.", "visual.trunk."),
+        "visual.head.proj.weight": sd["vision_proj.weight"],
+        **_prefixed(sd, "text.model.", "text.transformer."),
+        "text.proj.weight": sd["text_proj.weight"],
+    }
+    return model_cfg, preprocess, state
+
+
+def _open_clip_mapping(model: nn.Module, cfg: Any) -> tuple[dict, dict, dict[str, Tensor]]:
+    import open_clip
+
+    arch = model.vision.spec.removeprefix("open_clip:")
+    if model.text.spec != model.vision.spec or cfg.projection != "none":
+        raise ExportError(
+            "an open_clip model exports when both towers are the same open_clip config with "
+            f"projection 'none'; this one has {model.vision.spec} / {model.text.spec}, projection "
+            f"'{cfg.projection}'"
+        )
+    model_cfg = open_clip.get_model_config(arch)
+    model_cfg["vision_cfg"]["image_size"] = cfg.vision.image_size
+    model_cfg["text_cfg"]["context_length"] = model.text.tokenizer.context_length
+    sd = model.state_dict()
+    state = _prefixed(sd, "vision.model.", "visual.")
+    if hasattr(model.text.model, "transformer") and type(model.text.model).__name__ == "ClipText":
+        state.update(_prefixed(sd, "text.model.", ""))  # CLIP keeps its text tower at the root
+    else:
+        state.update(_prefixed(sd, "text.model.", "text."))
+    return model_cfg, dict(model.vision.preprocess), state
+
+
+def _check_roundtrip(model: nn.Module, out: Path, atol: float) -> float:
+    """Load the export with open_clip; check its preprocessing and tokens are clipkit's; return
+    the max |difference| of image and text embeddings."""
+    import open_clip
+
+    oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    oc.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (37, 53, 3), generator=g, dtype=torch.uint8).numpy()
+    photo = Image.fromarray(pixels)
+    if not torch.equal(preprocess(photo), model.image_transform(False)(photo)):
+        raise ExportError("the exported preprocessing does not give clipkit's image tensors")
+    images = torch.randn(2, 3, *oc.visual.image_size, generator=g)  # (2, 3, H, W)
+    texts = ["a photo of a cat", "an emoji of a smiling face with sunglasses"]
+    with torch.inference_mode():
+        tokens = model.tokenize(texts)
+        if not torch.equal(tokenizer(texts).long(), tokens.long()):
+            raise ExportError("the exported tokenizer does not give clipkit's tokens")
+        diff = max(
+            (oc.encode_image(images) - model.encode_image(image=images, normalize=False)).abs().max().item(),
+            (oc.encode_text(tokens) - model.encode_text(tokens, normalize=False)).abs().max().item(),
+        )
+    if diff > atol:
+        raise ExportError(f"the exported model's embeddings differ from clipkit's by {diff:.2e} (> {atol})")
+    return diff
+
+
+def export_open_clip(
+    spec: str, out: str | Path, name: str = "", atol: float = 1e-5, check: bool = True
+) -> dict[str, Any]:
+    """Write the clipkit model ``spec`` (run folder or checkpoint) to ``out`` (module docstring);
+    with ``check``, load it back with open_clip and compare embeddings (``max_abs_diff``)."""
+    from clipkit.training.load import load_trained
+
+    out = Path(out)
+    model, cfg, ckpt = load_trained(spec)
+    kinds = (model.vision.spec.split(":")[0], model.text.spec.split(":")[0])
+    out.mkdir(parents=True, exist_ok=True)
+    if kinds == ("timm", "hf"):
+        model_cfg, preprocess, state = _timm_hf_mapping(model, cfg.model, out)
+    elif kinds == ("open_clip", "open_clip"):
+        model_cfg, preprocess, state = _open_clip_mapping(model, cfg.model)
+    else:
+        raise ExportError(
+            f"no open_clip form for a {model.vision.spec} image tower with a {model.text.spec} text tower; "
+            "exportable: timm + hf towers with linear projections, or one open_clip config with projection none"
+        )
+    state["logit_scale"] = model.logit_scale.detach().clone()
+    if model.logit_bias is not None:
+        model_cfg["init_logit_bias"] = float(model.logit_bias.detach())
+        state["logit_bias"] = model.logit_bias.detach().clone()
+    from safetensors.torch import save
+
+    name = name or f"clipkit-{Path(spec).resolve().name}"
+    weights = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    atomic_write_bytes(out / "open_clip_model.safetensors", save(weights))
+    atomic_write_text(out / f"{name}.json", json.dumps(model_cfg, indent=1))
+    local = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
+    atomic_write_text(out / "open_clip_config.json", json.dumps(local, indent=1))
+    atomic_write_text(out / "README.md", _readme(out, name, preprocess, ckpt))
+    diff = _check_roundtrip(model, out, atol) if check else None
+    return {"out": out, "name": name, "checkpoint": ckpt, "max_abs_diff": diff, "tensors": len(weights)}
+
+
+def _readme(out: Path, name: str, pre: dict[str, Any], ckpt: Path) -> str:
+    return f"""# {name}: a clipkit model as an open_clip model
+
+Exported by `clipkit export` from `{ckpt}`.
+
+```python
+import open_clip
+
+# the whole folder (config, preprocessing and weights):
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out.resolve()}")
+tokenizer = open_clip.get_tokenizer("local-dir:{out.resolve()}")
+
+# or by name, with an explicit weights file:
+open_clip.add_model_config("{(out / f"{name}.json").resolve()}")
+model, _, preprocess = open_clip.create_model_and_transforms(
+    "{name}", pretrained="{(out / "open_clip_model.safetensors").resolve()}",
+    image_mean={tuple(pre["mean"])}, image_std={tuple(pre["std"])},
+    image_interpolation="{pre.get("interpolation", "bicubic")}")
+tokenizer = open_clip.get_tokenizer("{name}")
+```
+
+CLIP_benchmark: `clip_benchmark eval --model {name} --pretrained {out / "open_clip_model.safetensors"} ...`
+after `open_clip.add_model_config(...)` in the same process; clipkit: `clipkit eval ... --model
+open_clip:local-dir:{out}`.
+"""

@@ -137,11 +137,14 @@ def clipbench_cmd(task: str, data: Path, weights: Path, result: Path, args: argp
 def clipkit_cmd(task: str, data: Path, weights: Path, out: Path, args: argparse.Namespace) -> list[str]:
     cmd = [str(CLIPKIT), "eval", task, "--model", f"open_clip:{CONFIG}@{weights}", "--dataset", str(data)]
     cmd += ["--alpha", "drop", "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     return cmd + ["--output", str(out)]
 
 
-def timed(cmd: list[str], log: Path) -> tuple[float, float]:
-    """(wall s, CPU s of the process and its children); raises with the log tail on failure."""
+def timed(cmd: list[str], log: Path, threads: int = 0) -> tuple[float, float]:
+    """(wall s, CPU s of the process and its children); raises with the log tail on failure.
+
+    ``threads`` > 0 sets OMP_NUM_THREADS (torch's intra-op threads at start-up) for the run."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -160,6 +163,13 @@ def timed(cmd: list[str], log: Path) -> tuple[float, float]:
         raise RuntimeError(f"failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu
+
+
+def _env(threads: int) -> dict[str, str]:
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return env
 
 
 def compare(cb: dict, ck: dict) -> list[dict]:
@@ -181,6 +191,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for both tools (OMP_NUM_THREADS, and clipkit --threads); 0 = each tool's default",
+    )
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "eval_parity"))
     p.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS_MD.name}")
     return p.parse_args(argv)
@@ -212,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                     cmd = clipbench_cmd(task, data[task], weights, run_dir / "result.json", args)
                 else:
                     cmd = clipkit_cmd(task, data[task], weights, run_dir, args)
-                wall, cpu = timed(cmd, run_dir / "log.txt")
+                wall, cpu = timed(cmd, run_dir / "log.txt", args.threads)
                 times.setdefault((tool, task), []).append((wall, cpu))
                 found = sorted(run_dir.rglob("*.json"))
                 results[(tool, task)] = json.loads(found[0].read_text())
@@ -238,6 +254,7 @@ def summarize(args, times, results, data, weights) -> str:
         f"CPU only; model open_clip `{CONFIG}` (fixed random weights `{weights.name}`, seed 0); "
         f"zero-shot: {args.zeroshot_shards * 1000} Animal-MNIST images, 10 classes x 8 prompts; retrieval: "
         f"{args.retrieval_images} emoji images x 2-3 captions; batch {args.batch_size}, {args.workers} loader workers, "
+        f"torch threads: {args.threads or 'each tool default (CLIP_benchmark: all cores; clipkit: auto, idle cores)'}, "
         f"fp32, alpha dropped (CLIP_benchmark's decoding); medians of {args.repeats} interleaved rounds, "
         "one process per (tool, task), times of whole processes.\n"
     )

@@ -69,7 +69,6 @@ def _open_clip_loss_module():
 
 def child(impl: str, b: int, d: int, iters: int, meta: bool) -> dict:
     import torch
-    import torch.nn.functional as F
 
     tool, name = IMPLS[impl]
     if tool == "clipkit":
@@ -94,7 +93,12 @@ def child(impl: str, b: int, d: int, iters: int, meta: bool) -> dict:
         tracker.__enter__()
     device = "meta" if meta else "cpu"
     g = torch.Generator().manual_seed(0)
-    x, y = (F.normalize(torch.randn(b, d, generator=g), dim=-1).to(device).requires_grad_() for _ in range(2))
+
+    def unit_rows() -> torch.Tensor:  # normalised in place: no transient (B, D) copy in the RSS
+        t = torch.randn(b, d, generator=g)
+        return t.div_(t.norm(dim=-1, keepdim=True)).to(device).requires_grad_()
+
+    x, y = unit_rows(), unit_rows()
     s = torch.tensor(10.0, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True)
     inputs_bytes = tracker.live if tracker is not None else 4 * 2 * b * d

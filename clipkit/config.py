@@ -126,6 +126,9 @@ class TrainConfig:
     log_every: int = 10
     # Use deterministic algorithms (bit-identical reruns).
     deterministic: bool = False
+    # Gradient caching: run the towers on at most this many samples at a time while the loss
+    # still sees the whole batch (same gradients as one big batch); 0 = off.
+    grad_cache_micro_batch: int = 0
     # torch intra-op threads of the training process; 0 = torch's default (one per core). On a
     # machine shared with other busy jobs, 1 can be several times faster (no threads left
     # spinning while they wait for each other).

@@ -74,17 +74,18 @@ def test_normalisation_is_bit_identical_to_totensor_normalize():
 # ---------------------------------------------------------------------------- pixels
 
 
-def test_random_resized_crop_same_crops_and_pixels_without_a_draft():
+@pytest.mark.parametrize("size", [(640, 480), (60, 40)])  # down- and upsampling
+def test_random_resized_crop_same_crops_and_pixels_without_a_draft(size):
     rrc = T.RandomResizedCrop(96, scale=(0.3, 1.0), interpolation=BICUBIC)
     fast = plan_fast_image(T.Compose([rrc, T.ToTensor()]))
-    data = encode(photo((640, 480), seed=2), "PNG")  # no DCT draft for a PNG
+    data = encode(photo(size, seed=2), "PNG")  # no DCT draft for a PNG
     for seed in range(8):
         torch.manual_seed(seed)
         got = fast.load(data)
         torch.manual_seed(seed)
         want = np.asarray(rrc(decode_image(data)))
         mean, worst = levels(got, want)  # torch's uint8 kernel vs PIL's: rounding only
-        assert mean < 0.05 and worst <= 1
+        assert mean < 0.05 and worst <= 2
 
 
 def test_jpeg_draft_gives_torchvisions_pixels_for_the_grid_snapped_crop(monkeypatch):

@@ -52,7 +52,9 @@ def test_demo_model_export_loads_in_open_clip(demo, capsys):
     run, model, tmp = demo
     out = tmp / "export"
     # (--no-check: this test loads the export itself, twice)
-    assert main(["export", "--model", str(run), "--out", str(out), "--name", "clipkit-demo", "--no-check"]) == 0
+    assert (
+        main(["export", "--model", str(run), "--out", str(out), "--name", "clipkit-demo", "--no-check"]) == 0
+    )
     assert "exported" in capsys.readouterr().out
     want = embeddings(
         lambda x: model.encode_image(image=x, normalize=False),

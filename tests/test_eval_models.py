@@ -209,3 +209,21 @@ def test_truncated_clipkit_checkpoint(tmp_path):
     path.with_suffix(".json").unlink()
     with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt"):
         load_eval_model(str(path))
+
+
+def test_cached_tower_features_score_like_images(tmp_path):
+    """The demo's path (tower run once, projections applied to cached features) = images."""
+    from eval_helpers import wds_classification, wds_retrieval
+
+    from clipkit.evaluation import evaluate_retrieval, evaluate_zeroshot, open_dataset
+    from clipkit.evaluation.cached import ProjectedModel, tower_feature_dataset
+
+    run, _, _ = tiny_run(tmp_path)
+    model = load_eval_model(str(run))
+    cls = open_dataset(str(wds_classification(tmp_path / "cls", n=20)))
+    caps = open_dataset(str(wds_retrieval(tmp_path / "caps", n=12)))
+    projected = ProjectedModel(model.model)
+    for fn, ds in ((evaluate_zeroshot, cls), (evaluate_retrieval, caps)):
+        want = fn(model, ds, batch_size=8)
+        got = fn(projected, tower_feature_dataset(model.model, ds, batch_size=8), batch_size=8)
+        assert got == pytest.approx(want, abs=1e-12)

@@ -230,3 +230,12 @@ def test_split_transform_is_bit_identical():
         assert torch.equal(got, torch.stack([transform(im) for im in images]))
     plain = lambda im: torch.zeros(3)
     assert split_transform(plain) == (plain, None)
+
+
+def test_transparent_images_are_composited_on_white_by_default(tmp_path):
+    # CLIP_benchmark drops alpha (keeping whatever colour hides under transparent pixels).
+    (tmp_path / "icons" / "star").mkdir(parents=True)
+    Image.new("RGBA", (4, 4), (10, 20, 30, 0)).save(tmp_path / "icons" / "star" / "a.png")
+    (white,) = list(open_dataset(f"folder:{tmp_path / 'icons'}"))
+    (dropped,) = list(open_dataset(f"folder:{tmp_path / 'icons'}", alpha="drop"))
+    assert pixels(white) == (255, 255, 255) and pixels(dropped) == (10, 20, 30)

@@ -39,6 +39,18 @@ def test_embed_build_query_merge(tmp_path, capsys):
     assert "not a complete index folder" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_squares(root / "images", shades=1)
+    assert (
+        main(["index", "embed", "--model", MODEL, "--folder", str(root / "images"), "--out", str(root / "e")])
+        == 0
+    )
+    assert main(["index", "build", str(root / "e"), "--out", str(root / "i")]) == 0
+    return root / "i"
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -49,22 +61,8 @@ def test_embed_build_query_merge(tmp_path, capsys):
         (["--text", "red", "--k", str(10**9)], "k must be between 1 and 10000"),
     ],
 )
-def test_query_errors_exit_2_with_a_message(tmp_path, capsys, argv, message):
-    write_squares(tmp_path / "images", shades=1)
-    main(
-        [
-            "index",
-            "embed",
-            "--model",
-            MODEL,
-            "--folder",
-            str(tmp_path / "images"),
-            "--out",
-            str(tmp_path / "e"),
-        ]
-    )
-    main(["index", "build", str(tmp_path / "e"), "--out", str(tmp_path / "i")])
+def test_query_errors_exit_2_with_a_message(small_index, capsys, argv, message):
     capsys.readouterr()
-    assert main(["index", "query", str(tmp_path / "i"), *argv]) == 2
+    assert main(["index", "query", str(small_index), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("clipkit index: error:") and message in err

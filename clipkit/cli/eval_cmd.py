@@ -81,11 +81,13 @@ def _entries(args: argparse.Namespace) -> dict:
 
 
 def auto_threads(workers: int) -> int:
-    """Idle cores (cores minus the 1-minute load average) minus loader workers, at least 1:
-    on a busy machine, fewer threads avoid the spinning that makes tiny matmuls 10x slower."""
-    cores = os.cpu_count() or 1
+    """Idle cores (usable cores minus the 1-minute load average) shared by the processes of
+    this machine (``LOCAL_WORLD_SIZE`` under torchrun), minus loader workers, at least 1: on
+    a busy machine, fewer threads avoid the spinning that makes small matmuls 10x slower."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     idle = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
-    return max(1, min(cores, int(idle + 0.5)) - workers)
+    per_process = min(cores, int(idle + 0.5)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, per_process - workers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,8 +114,7 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         suite = parse_suite(_entries(args), "command line")
-    ranks, device = init_from_env()
-    device = device if args.device == "auto" else args.device
+    ranks, device = init_from_env(args.device)
     torch.set_num_threads(auto_threads(args.workers) if args.threads == "auto" else int(args.threads))
     report = args.report if args.report is not None else task == "all"
     opts = RunOptions(

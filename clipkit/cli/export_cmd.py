@@ -12,11 +12,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Writes DIR/open_clip_config.json, DIR/open_clip_model.safetensors, DIR/<name>.json "
         "and DIR/README.md, then loads the result with open_clip and checks its embeddings match.",
     )
-    p.add_argument("--model", required=True, help="a run folder or a checkpoint file written by clipkit train")
+    p.add_argument(
+        "--model", required=True, help="a run folder or a checkpoint file written by clipkit train"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--name", default="", help="open_clip model name (default: clipkit-<run folder name>)")
     p.add_argument("--atol", type=float, default=1e-5, help="largest embedding difference accepted")
-    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True, help="load back and compare")
+    p.add_argument(
+        "--check", action=argparse.BooleanOptionalAction, default=True, help="load back and compare"
+    )
     p.set_defaults(run=run)
 
 
@@ -27,5 +31,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported {info['checkpoint']} as open_clip model '{info['name']}' ({info['tensors']} tensors)")
     if info["max_abs_diff"] is not None:
         print(f"  open_clip reproduces its embeddings to {info['max_abs_diff']:.1e}")
-    print(f'  load: open_clip.create_model_and_transforms("local-dir:{info["out"]}")  (see {info["out"]}/README.md)')
+    print(
+        f'  load: open_clip.create_model_and_transforms("local-dir:{info["out"]}")  (see {info["out"]}/README.md)'
+    )
     return 0

@@ -18,6 +18,8 @@ from clipkit.data.sources import Caption
 
 def read_caption(raw: Caption) -> str:
     """A raw caption (text, sidecar bytes or path, None) -> stripped text, or ``SampleError``."""
+    if raw is None:
+        raise SampleError("missing_caption", "the source gives no caption")
     if isinstance(raw, Path):
         try:
             raw = raw.read_bytes()

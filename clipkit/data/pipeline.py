@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipkit.config import DataConfig
 from clipkit.data.decode import SampleError, decode_caption, decode_image, parse_idx
-from clipkit.data.fast_transform import FastImage, draft_size_of, plan_fast_image
+from clipkit.data.fast_transform import FastImage, draft_size_of, empty_batch, plan_fast_image
 from clipkit.data.tario import DuplicateMember, TarDamaged, iter_samples
 from clipkit.data.urls import ShardSpecError, dataset_size, expand_urls, is_local, open_url, shard_sizes
 from clipkit.errors import ClipkitError
@@ -200,7 +200,9 @@ class ShardDataset(IterableDataset):
         elif self.fast is not None:
             batch["image"] = self.fast.collate([s["image"] for s in samples])  # (B, 3, H, W)
         else:
-            batch["image"] = torch.stack([s["image"] for s in samples])  # (B, 3, H, W)
+            images = [s["image"] for s in samples]
+            out = empty_batch((len(images), *images[0].shape), images[0].dtype)
+            batch["image"] = torch.stack(images, out=out)  # (B, 3, H, W)
         batch["text"] = text
         batch["key"] = [s["key"] for s in samples]
         batch["idx"] = torch.tensor([s["idx"] for s in samples], dtype=torch.long)  # (B,)

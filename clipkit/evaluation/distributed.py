@@ -38,17 +38,19 @@ def current_ranks() -> Ranks:
     return Ranks()
 
 
-def init_from_env() -> tuple[Ranks, str]:
+def init_from_env(device: str = "auto") -> tuple[Ranks, str]:
     """(ranks, device). Under torchrun / accelerate (``WORLD_SIZE`` > 1) the process group is
-    set up by ``accelerate.PartialState`` (gloo on CPU, nccl on GPU); otherwise one process."""
+    set up by ``accelerate.PartialState`` (gloo on CPU, nccl on GPU); otherwise one process.
+    ``device``: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..."""
     import torch
 
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=cpu)
         return Ranks(state.process_index, state.num_processes), str(state.device)
-    return Ranks(), "cuda" if torch.cuda.is_available() else "cpu"
+    return Ranks(), "cpu" if cpu else ("cuda" if device == "auto" else device)
 
 
 def all_gather(obj: Any, ranks: Ranks) -> list[Any]:

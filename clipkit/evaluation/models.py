@@ -232,7 +232,10 @@ def load_open_clip(spec: str) -> OpenClipModel:
         raise ModelSpecError(f"'{spec}': weights file '{weights}' not found")
     _check_offline(name)
     try:
-        clip, _, transform = open_clip.create_model_and_transforms(name, pretrained=weights or None)
+        # No tower-level hub or package weights: a spec without @weights is a random model.
+        clip, _, transform = open_clip.create_model_and_transforms(
+            name, pretrained=weights or None, pretrained_image=False, pretrained_text=False
+        )
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         if weights or name.startswith("local-dir:"):
             raise _weights_error(name, weights or name, err) from err

@@ -93,13 +93,25 @@ def prepare(entry: SuiteEntry) -> Prepared:
     return prep
 
 
-def run_entry(model: Any, prep: Prepared, opts: RunOptions) -> tuple[dict[str, float], Any]:
-    """(metrics, zero-shot result or None) of ``model`` on one prepared dataset."""
+def run_entry(
+    model: Any, prep: Prepared, opts: RunOptions, images: dict[str, Any] | None = None
+) -> tuple[dict[str, float], Any]:
+    """(metrics, zero-shot result or None) of ``model`` on one prepared dataset.
+
+    ``images`` memoises image embeddings by dataset fingerprint, so zero-shot entries that
+    share a dataset (prompt ablations) embed its images once.
+    """
     e, bs, nw, ranks = prep.entry, opts.batch_size, opts.num_workers, opts.ranks
     if e.task == "zeroshot_classification":
+        from clipkit.evaluation.embed import embed_dataset
         from clipkit.evaluation.zeroshot import run_zeroshot
 
-        res = run_zeroshot(model, prep.data["test"], bs, nw, prep.classnames, prep.templates, ranks)
+        ds = prep.data["test"]
+        key = ds.fingerprint() if images is not None and hasattr(ds, "fingerprint") else None
+        if key is not None and key not in images:
+            images[key] = embed_dataset(model, ds, bs, nw, ranks)
+        embedded = images[key] if key is not None else None
+        res = run_zeroshot(model, ds, bs, nw, prep.classnames, prep.templates, ranks, embedded)
         return res.metrics, res
     if e.task == "zeroshot_retrieval":
         from clipkit.evaluation.retrieval import evaluate_retrieval
@@ -151,9 +163,10 @@ def run_suite(
         model = load_eval_model(spec, opts.device)
         if main:
             log(f"{spec}: loaded in {time.perf_counter() - t_model:.1f} s")
+        images: dict[str, Any] = {}
         for prep in prepared:
             t0 = time.perf_counter()
-            metrics, res = run_entry(model, prep, opts)
+            metrics, res = run_entry(model, prep, opts, images)
             task = prep.entry.task
             if main:
                 path = out / safe_name(spec) / f"{safe_name(prep.entry.name)}_{SHORT_TASK[task]}.json"

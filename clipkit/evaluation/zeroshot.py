@@ -24,7 +24,7 @@ import torch
 
 from clipkit.evaluation.datasets import check_templates
 from clipkit.evaluation.distributed import Ranks, all_gather
-from clipkit.evaluation.embed import embed_dataset, encode_texts, eval_mode, model_device
+from clipkit.evaluation.embed import Embedded, embed_dataset, encode_texts, eval_mode, model_device
 from clipkit.evaluation.metrics import faiss_topk, zeroshot_metrics_from_topk
 from clipkit.evaluation.source import EvalDataError
 
@@ -104,12 +104,16 @@ def run_zeroshot(
     classnames: list[str] | None = None,
     templates: list[str] | dict[str, list[str]] | None = None,
     ranks: Ranks | None = None,
+    embedded: Embedded | None = None,
 ) -> ZeroShotResult:
-    """Metrics and predictions of ``model`` on ``dataset`` (every rank gets the whole result)."""
+    """Metrics and predictions of ``model`` on ``dataset`` (every rank gets the whole result).
+
+    ``embedded``: the dataset's image embeddings when already computed (e.g. another prompt set).
+    """
     classnames = dataset.classnames if classnames is None else classnames
     templates = dataset.templates if templates is None else templates
     classifier = build_classifier(model, classnames, templates, batch_size, ranks)
-    emb = embed_dataset(model, dataset, batch_size, num_workers, ranks)
+    emb = embedded or embed_dataset(model, dataset, batch_size, num_workers, ranks)
     if emb.labels is None:
         raise EvalDataError(f"{dataset!r} has no labels: it is not a classification dataset")
     _check_labels(emb.labels, classnames, dataset)

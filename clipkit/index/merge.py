@@ -16,7 +16,6 @@ for a tuned report.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable
@@ -113,7 +112,3 @@ def merge_indexes(
     write_json(out / REPORT_FILE, report)
     log(f"merged {len(parts)} indexes: {report['ntotal']} vectors -> {out}")
     return report
-
-
-def read_report(folder: str | Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / REPORT_FILE).read_text())

@@ -115,14 +115,13 @@ class App:
         return self.with_images(self.index.neighbours(key, k))
 
     def with_images(self, rows: list[dict]) -> list[dict]:
+        """Add each row's ``image`` URL: served here (shard or local file), its web URL, or None."""
         for row in rows:
             src = row.get("source") or ""
-            local = str(row.get("shard", "")).endswith(".tar") or Path(src).is_file()
-            row["image"] = (
-                f"/api/image?id={row['id']}"
-                if local
-                else (src if src.startswith(("http://", "https://")) else None)
-            )
+            if str(row.get("shard", "")).endswith(".tar") or Path(src).is_file():
+                row["image"] = f"/api/image?id={row['id']}"
+            else:
+                row["image"] = src if src.startswith(("http://", "https://")) else None
         return rows
 
     def image(self, id_: int) -> tuple[bytes, str]:

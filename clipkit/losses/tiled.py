@@ -17,8 +17,11 @@ dense loss runs 3 (open_clip's ClipLoss runs 6: it computes both logit matrices)
 - ``sigmoid_ring(...)``: the same over the text blocks of all ranks, passed around the ring
   (``clipkit.losses.gather.ring_exchange``); memory stays O(B D) as ranks are added.
 
-The registered losses built on them are in ``tiled_clip.py`` and ``tiled_siglip.py``. The
-kernels do not support double backward. ``choose_tile`` turns a memory budget into a tile.
+The registered losses built on them are in ``tiled_clip.py``, ``tiled_siglip.py`` and
+``tiled_zoo.py``. The kernels do not support double backward; ``scale`` must be nonzero (a
+logit scale or an inverse temperature is > 0). No host synchronisation happens inside them
+(the scale stays a tensor), so they run as well on a GPU and on the ``meta`` device.
+``choose_tile`` turns a memory budget into a tile.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from clipkit.losses import build_loss
 from clipkit.losses.stats import embedding_stats
 from clipkit.models import build_model
 from clipkit.training import checkpoint as ckpt
+from clipkit.training.gradcache import grad_cache_step
 from clipkit.training.feature_cache import FeatureCache, build_feature_cache, why_not_cached
 from clipkit.training.metrics import MetricsLog, plot_curves
 from clipkit.training.optim import build_optimizer, format_summary, group_summary
@@ -316,10 +317,18 @@ def train_step(run: Run, micro: list[dict[str, Any]], with_stats: bool) -> dict[
     for i, batch in enumerate(micro):
         batch = to_device(batch, acc.device)
         sync = i == len(micro) - 1  # DDP all-reduces gradients only on the last micro-batch
-        with contextlib.nullcontext() if sync else acc.no_sync(model):
-            out = model(batch)
-            losses = run.loss_fn(out, batch)
-            acc.backward(losses["loss"] / len(micro))
+        chunk = run.cfg.train.grad_cache_micro_batch
+        if chunk > 0:  # gradient caching: the loss sees the whole batch, towers run `chunk` at a time
+            res = grad_cache_step(
+                model, run.loss_fn, batch, micro_batch=chunk, loss_scale=1 / len(micro),
+                backward=acc.backward, no_sync=acc.no_sync, sync=sync,
+            )  # fmt: skip
+            losses, out = res["losses"], res["out"]
+        else:
+            with contextlib.nullcontext() if sync else acc.no_sync(model):
+                out = model(batch)
+                losses = run.loss_fn(out, batch)
+                acc.backward(losses["loss"] / len(micro))
         for k, v in losses.items():
             if torch.is_tensor(v) and v.numel() == 1:
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)

@@ -14,7 +14,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", help="YAML recipe, e.g. train/lit_emoji.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, then exit")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and predicted peak memory, then exit"
+    )
+    p.add_argument(
+        "--find-batch-size",
+        type=float,
+        metavar="GIB",
+        help="probe the largest data.batch_size whose training step fits GIB gibibytes per device, then exit",
+    )
+    p.add_argument("--world-size", type=int, default=1, help="ranks the estimate is for (default 1)")
     p.set_defaults(run=run)
 
 
@@ -24,8 +33,19 @@ def run(args: argparse.Namespace) -> int:
     from clipkit.config import load_config, to_dict
 
     cfg = load_config(args.recipe, args.overrides)
+    micro = cfg.train.grad_cache_micro_batch or None
     if args.dry_run:
+        from clipkit.training.memory import estimate_peak_memory, format_estimate
+
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(format_estimate(estimate_peak_memory(cfg, world_size=args.world_size, micro_batch=micro)))
+        return 0
+    if args.find_batch_size:
+        from clipkit.training.memory import find_batch_size
+
+        budget = int(args.find_batch_size * 2**30)
+        best = find_batch_size(cfg, budget, world_size=args.world_size, micro_batch=micro, log=print)
+        print(f"data.batch_size={best}")
         return 0
     from clipkit.training.loop import train
 

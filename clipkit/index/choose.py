@@ -171,13 +171,12 @@ def plan(n: int, d: int, budget_bytes: int, shard_rows: int = 10_000) -> Plan:
     """Candidates that fit ``budget_bytes`` when loaded, in the order the builder tries them."""
     if n < 1 or d < 1:
         raise IndexChoiceError(f"cannot index {n} vectors of dimension {d}")
-    if n <= FLAT_MAX_N:
-        wanted = [_flat(n, d)]
-    else:
-        wanted = [_hnsw(n, d, shard_rows)] if n <= HNSW_MAX_N else []
-        nlist = ivf_nlist(n)
-        codes = ["SQ8", "Flat"] + [f"PQ{m}" for m in pq_sizes(d)]
-        wanted += [_ivf(n, d, nlist, c, shard_rows) for c in codes]
+    wanted = [_flat(n, d)] if n <= FLAT_MAX_N else []
+    if FLAT_MAX_N < n <= HNSW_MAX_N:
+        wanted.append(_hnsw(n, d, shard_rows))
+    nlist = ivf_nlist(n)  # IVF also backs up a small collection whose Flat exceeds the budget
+    codes = ["SQ8", "Flat"] + [f"PQ{m}" for m in pq_sizes(d)]
+    wanted += [_ivf(n, d, nlist, c, shard_rows) for c in codes]
     fits = [c for c in wanted if c.index_bytes <= budget_bytes]
     rejected = [
         (c, f"needs {format_bytes(c.index_bytes)} > budget {format_bytes(budget_bytes)}")
@@ -191,4 +190,5 @@ def plan(n: int, d: int, budget_bytes: int, shard_rows: int = 10_000) -> Plan:
             f"{smallest.key}, needs {format_bytes(smallest.index_bytes)}; raise --memory"
         )
     families = {c.family for c in fits}
-    return Plan(n, d, budget_bytes, fits, rejected, compare_families=len(families))
+    compare = 2 if {"hnsw", "ivf"} <= families else 1
+    return Plan(n, d, budget_bytes, fits, rejected, compare_families=compare)

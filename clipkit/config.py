@@ -50,7 +50,9 @@ class TowerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vision: TowerConfig = field(default_factory=lambda: TowerConfig(name="timm:tf_efficientnet_lite0", weights="bundled"))
+    vision: TowerConfig = field(
+        default_factory=lambda: TowerConfig(name="timm:tf_efficientnet_lite0", weights="bundled")
+    )
     text: TowerConfig = field(default_factory=lambda: TowerConfig(name="hf:minilm", weights="bundled"))
     # Shared embedding width after the projections.
     embed_dim: int = 256
@@ -209,8 +211,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = Non
         if key not in names:
             known = [prefix + n for n in names]
             raise ConfigError(
-                f"unknown config key '{full}';{suggest(full, known)} "
-                f"valid keys here: {', '.join(known)}"
+                f"unknown config key '{full}';{suggest(full, known)} valid keys here: {', '.join(known)}"
             )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -268,7 +269,9 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     if recipe:
         path = Path(recipe)
         if not path.is_file():
-            raise ConfigError(f"recipe '{recipe}' not found; recipes ship in train/ (e.g. train/lit_emoji.yaml)")
+            raise ConfigError(
+                f"recipe '{recipe}' not found; recipes ship in train/ (e.g. train/lit_emoji.yaml)"
+            )
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe '{recipe}' must hold a mapping at top level")

@@ -62,7 +62,9 @@ def build_data(data_root: Path) -> tuple[Path, Path]:
     return emoji, animals
 
 
-def score(model: torch.nn.Module, zeroshot: Any, retrieval: Any, batch_size: int) -> dict[str, dict[str, float]]:
+def score(
+    model: torch.nn.Module, zeroshot: Any, retrieval: Any, batch_size: int
+) -> dict[str, dict[str, float]]:
     from clipkit.evaluation.cached import ProjectedModel
     from clipkit.evaluation.retrieval import evaluate_retrieval
     from clipkit.evaluation.zeroshot import evaluate_zeroshot
@@ -134,7 +136,9 @@ def run_demo(overrides: list[str], data_root: Path, zeroshot_per_class: int) -> 
     after = score(trained, zs_feats, rt_feats, cfg.eval.batch_size)
     write_results(run_dir, cfg, {"before": before, "after": after})
     print()
-    print(f"Animal-MNIST: {len(zs_feats)} images, 10 classes (chance top-1 0.10); emoji val: {len(rt_feats)} pairs")
+    print(
+        f"Animal-MNIST: {len(zs_feats)} images, 10 classes (chance top-1 0.10); emoji val: {len(rt_feats)} pairs"
+    )
     print(format_table(table_rows(before, after)))
     print(f"\nrun folder: {run_dir} (config.yaml, checkpoints/, metrics.csv, curves.png, eval_*.json)")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")

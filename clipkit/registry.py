@@ -54,8 +54,7 @@ class Registry:
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self._items:
             raise UnknownNameError(
-                f"unknown {self.kind} '{name}';{suggest(name, self.names())} "
-                f"known: {', '.join(self.names())}"
+                f"unknown {self.kind} '{name}';{suggest(name, self.names())} known: {', '.join(self.names())}"
             )
         return self._items[name]
 

@@ -7,8 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 # data_tools/ is a top-level folder next to clipkit/, not part of the installed package.
 ROOT = Path(__file__).resolve().parents[1]

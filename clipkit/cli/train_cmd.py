@@ -15,7 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="YAML recipe, e.g. train/lit_emoji.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument(
-        "--dry-run", action="store_true", help="print the resolved config and predicted peak memory, then exit"
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and predicted peak memory, then exit",
     )
     p.add_argument(
         "--find-batch-size",

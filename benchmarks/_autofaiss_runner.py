@@ -4,8 +4,9 @@
 
 Reads every ``*.npy`` in EMB_DIR (the parts of a clipkit embedding export), lets autofaiss
 choose the index for the memory budget (``max_index_memory_usage``), and writes
-``OUT_DIR/knn.index`` and ``OUT_DIR/infos.json`` (autofaiss's own report: index key, search
-parameters). Imports nothing from clipkit.
+``OUT_DIR/knn.index``, ``OUT_DIR/infos.json`` (autofaiss's own report: index key, search
+parameters) and ``OUT_DIR/runner.json`` (build seconds, this process's peak RSS from VmHWM).
+Imports nothing from clipkit.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def main() -> None:
         verbose=20,
     )
     seconds = time.perf_counter() - t0
-    (out / "runner.json").write_text(json.dumps({"build_s": seconds, "infos": infos}, indent=1, default=str))
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    report = {"build_s": seconds, "peak_rss": peak, "infos": infos}
+    (out / "runner.json").write_text(json.dumps(report, indent=1, default=str))
     print(
         json.dumps(
             {"build_s": seconds, "index_key": infos.get("index_key"), "index_param": infos.get("index_param")}

@@ -12,3 +12,5 @@ $PY benchmarks/loader_throughput.py --samples 3000 --shards 8 --repeats 3
 $PY benchmarks/eval_parity.py
 $PY benchmarks/loss_memory.py --append
 $PY benchmarks/index_vs_autofaiss.py
+$PY benchmarks/chaos.py --append
+$PY benchmarks/objectives.py

@@ -116,7 +116,10 @@ def run_demo(overrides: list[str], data_root: Path, zeroshot_per_class: int) -> 
         raise ClipkitError(f"demo recipe {RECIPE} is missing; run the demo from a clipkit checkout")
     t0 = time.perf_counter()
     emoji_dir, animal_dir = build_data(data_root)
-    cfg = load_config(RECIPE, overrides)
+    # The recipe names data/emoji; --data moves the shards, so the recipe follows them (the
+    # user's own overrides still come last and win).
+    where = [f"data.train={emoji_dir / 'train'}", f"data.val={emoji_dir / 'val'}"]
+    cfg = load_config(RECIPE, where + list(overrides))
     seed_everything(cfg.train.seed, False)
     untrained = build_model(cfg.model)
 
@@ -124,8 +127,9 @@ def run_demo(overrides: list[str], data_root: Path, zeroshot_per_class: int) -> 
     animals = ClipBenchmarkWds(animal_dir)
     animals = _Listed(_balanced_subset(animals, zeroshot_per_class), animals)
     emoji_val = ClipBenchmarkWds(emoji_dir, split="val")
-    zs_feats = tower_feature_dataset(untrained, animals, cfg.eval.batch_size, "Animal-MNIST")
-    rt_feats = tower_feature_dataset(untrained, emoji_val, cfg.eval.batch_size, "emoji val")
+    precision = cfg.train.feature_cache_precision  # the eval images go through the tower as the train ones do
+    zs_feats = tower_feature_dataset(untrained, animals, cfg.eval.batch_size, "Animal-MNIST", precision)
+    rt_feats = tower_feature_dataset(untrained, emoji_val, cfg.eval.batch_size, "emoji val", precision)
     before = score(untrained, zs_feats, rt_feats, cfg.eval.batch_size)
 
     print(f"[3/4] training {RECIPE.relative_to(REPO)}", flush=True)

@@ -3,3 +3,5 @@
 
 class ClipkitError(Exception):
     """Base of every error that names bad input and says what to do."""
+
+    exit_code = 2  # of the CLI when it stops on this error

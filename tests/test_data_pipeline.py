@@ -186,7 +186,8 @@ def test_shuffle_buffer_is_a_permutation():
 def test_batch_dict_contract(good):
     spec, _ = good
     b = epoch_batches(spec, cfg(), train=True)[0]
-    assert list(b) == ["image", "text", "key", "idx", "skipped"]
+    assert list(b) == ["image", "text", "key", "idx", "skipped", "stream"]  # stream: train mode only
+    assert b["stream"]["worker"] == 0 and b["stream"]["batches"] == 1
     assert b["image"].shape == (4, 3, 4, 4) and b["image"].dtype == torch.float32
     assert b["text"].shape == (4, L) and b["text"].dtype == torch.long
     assert isinstance(b["key"], list) and all(isinstance(k, str) for k in b["key"])
@@ -307,9 +308,10 @@ def test_pipe_urls_are_read(good):
     first = expand_urls(spec)[0]
     batches = epoch_batches(f"pipe:cat {first}", cfg())
     assert keys_of(batches) == keys[:12] and skipped(batches) == {}
-    # A failing command yields no sample; with no batch to carry the count, it is warned.
+    # A failing command yields no sample: it is warned, and a batch without samples carries the count.
     with pytest.warns(UserWarning, match=r"no usable batch .* skipped \{'unreadable_shard': 1\}"):
-        assert epoch_batches(f"pipe:cat {first}.missing", cfg()) == []
+        (empty,) = epoch_batches(f"pipe:cat {first}.missing", cfg())
+    assert empty["key"] == [] and empty["skipped"] == {"unreadable_shard": 1} and "image" not in empty
 
 
 # ---------------------------------------------------------------------------- feature cache path

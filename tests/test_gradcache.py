@@ -120,7 +120,18 @@ def test_equals_one_big_batch(case, micro):
     assert res["out"]["image_emb"].shape == (16, 8) and not res["out"]["image_emb"].requires_grad
 
 
-EXAMPLE_ARGS = {"sogclr": {"num_samples": 16}, "isogclr": {"num_samples": 16}}
+def teacher() -> TinyDual:
+    torch.manual_seed(7)
+    return TinyDual().eval()
+
+
+EXAMPLE_ARGS = {
+    "sogclr": {"num_samples": 16},
+    "isogclr": {"num_samples": 16},
+    "distill_kl": {"teacher": teacher()},
+    "dclip": {"teacher": teacher()},
+    "albef_md": {"queue_size": 8},
+}
 
 
 @pytest.mark.parametrize("name", LOSSES.names())
@@ -128,6 +139,9 @@ def test_every_registered_loss(name):
     batch, loss_fn = make_batch(16), LOSSES.build(name, **EXAMPLE_ARGS.get(name, {}))
     ref_loss = copy.deepcopy(loss_fn)  # stateful losses: each run starts from the same state
     model, ref_model = make_model(), make_model()
+    if hasattr(loss_fn, "attach"):  # as the training loop does (albef_md's momentum model)
+        loss_fn.attach(model)
+        ref_loss.attach(ref_model)
     grad_cache_step(model, loss_fn, batch, 5)
     reference(ref_model, ref_loss, batch)
     assert_grads_equal(grads(model), grads(ref_model), what=name)

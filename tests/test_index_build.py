@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from index_helpers import clustered, write_vectors
 
-from clipkit.index.build import BuildError, build_index, set_search_params
+from clipkit.index import choose
+from clipkit.index.build import BuildError, _new_index, build_index, per_query_recall, set_search_params
 from clipkit.index.merge import MergeError, merge_indexes
 from clipkit.index.search import SearchIndex, SearchIndexError, UnknownKeyError
-from clipkit.index.store import EmbeddingsError
+from clipkit.index.store import EmbeddingsError, EmbeddingSet
 
 QUIET = {"speed_seconds": 0.01, "log": lambda _: None}
 
@@ -25,9 +26,9 @@ def numpy_topk(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     return ids, np.take_along_axis(scores, ids, 1)
 
 
-def numpy_recall(index, x, q_ids, k, nprobe):
+def numpy_recall(index, x, q_ids, k, nprobe, param="nprobe"):
     """Per-query recall@k of ``index`` at ``nprobe`` on queries x[q_ids], self-matches excluded."""
-    set_search_params(index, {"nprobe": nprobe})
+    set_search_params(index, {param: nprobe})
     q = x[q_ids]
     truth, _ = numpy_topk(x, q, k + 1)
     _, found = index.search(q, k + 1)
@@ -208,3 +209,55 @@ def test_merge_refuses_separately_trained_or_mismatched_indexes(tmp_path):
     build_index(tmp_path / "second", tmp_path / "C", key="IVF16,SQ8", **QUIET)
     with pytest.raises(MergeError, match="index_key differs"):
         merge_indexes([tmp_path / "A", tmp_path / "C"], tmp_path / "AC", log=lambda _: None)
+
+
+def test_hnsw_is_tuned_on_ef_search(tmp_path):
+    x = clustered(3000, 16, clusters=20, noise=0.9, seed=12)
+    write_vectors(tmp_path / "emb", x, part_rows=1000)
+    report = build_index(
+        tmp_path / "emb", tmp_path / "idx", key="HNSW16", target_recall=0.9, n_queries=300, **QUIET
+    )
+    ef = report["search_params"]["efSearch"]
+    assert report["family"] == "hnsw" and report["target_reached"] and ef >= 16
+    assert faiss.downcast_index(SearchIndex(tmp_path / "idx").index).hnsw.efSearch == ef  # applied on load
+    index = faiss.read_index(str(tmp_path / "idx" / "index.faiss"))
+    q_ids = np.sort(np.random.default_rng(0).choice(3000, 300, replace=False))
+    chosen = numpy_recall(index, x, q_ids, 10, ef, "efSearch")
+    assert chosen.mean() == pytest.approx(report["recall_at_10"], abs=5e-5)
+    assert lower_bound(chosen) >= 0.9
+
+
+def test_mid_size_builds_each_family_and_keeps_the_fastest(tmp_path, monkeypatch):
+    monkeypatch.setattr(choose, "EXACT_ONLY_N", 1000)  # shrink the bands to test size
+    x = clustered(3000, 16, clusters=20, noise=0.8, seed=13)
+    write_vectors(tmp_path / "emb", x, part_rows=1000)
+    report = build_index(tmp_path / "emb", tmp_path / "idx", target_recall=0.9, n_queries=200, **QUIET)
+    tried = {t["key"]: t for t in report["tried"]}
+    assert set(tried) == {"Flat", "HNSW32", "IVF64,SQ8"}  # the first candidate of each family
+    reached = [t for t in tried.values() if "qps_batch1" in t]
+    assert report["index_key"] == max(reached, key=lambda t: t["qps_batch1"])["key"]
+
+
+def test_per_query_recall_equals_set_intersection():
+    rng = np.random.default_rng(15)
+    truth = np.stack([rng.permutation(30)[:10] for _ in range(200)])
+    found = np.stack([rng.permutation(30)[:10] for _ in range(200)])
+    truth[:20, 7:] = -1  # fewer than k true neighbours (tiny collections)
+    found[10:40, 5:] = -1  # FAISS pads short result lists with -1
+    want = [len(set(t[t >= 0]) & set(f[f >= 0])) / (t >= 0).sum() for t, f in zip(truth, found)]
+    np.testing.assert_allclose(per_query_recall(found, truth), want)
+
+
+def test_ivf_candidates_with_the_same_lists_share_their_k_means(tmp_path):
+    x = clustered(3000, 16, seed=14)
+    write_vectors(tmp_path / "emb", x, part_rows=1000)
+    emb, centroids, rng = EmbeddingSet(tmp_path / "emb"), {}, np.random.default_rng(0)
+
+    def coarse(key, cache):
+        index = _new_index(choose.estimate(key, 3000, 16), emb, rng, None, cache)
+        assert index.is_trained
+        return faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, 16)
+
+    sq8 = coarse("IVF16,SQ8", centroids)
+    np.testing.assert_array_equal(coarse("IVF16,Flat", centroids), sq8)  # trained once
+    assert not np.allclose(coarse("IVF16,Flat", {}), sq8)  # k-means on a new sample lands elsewhere

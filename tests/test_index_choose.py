@@ -24,13 +24,16 @@ def test_parse_memory():
 
 
 def test_small_collections_are_searched_exactly():
-    assert keys(5_000, 256, "512MB")[0] == "Flat"
-    assert keys(20_000, 512, "1G")[0] == "Flat"
-    # ... unless Flat does not fit: 20k x 64 floats are 4.9 MiB.
-    assert keys(20_000, 64, "2MB")[0] == "IVF256,SQ8"
+    p = choose.plan(1_500, 256, choose.parse_memory("512MB"))
+    assert p.candidates[0].key == "Flat" and p.compare_families == 1
+    # ... unless Flat does not fit: 1,500 x 256 floats are 1.5 MiB.
+    assert keys(1_500, 256, "1MB")[0] == "IVF32,SQ8"
 
 
-def test_mid_size_compares_hnsw_with_ivf():
+def test_mid_size_compares_flat_hnsw_and_ivf():
+    p = choose.plan(11_000, 256, choose.parse_memory("512MB"))
+    assert [c.key for c in p.candidates][:4] == ["Flat", "HNSW32", "IVF256,SQ8", "IVF256,Flat"]
+    assert p.compare_families == 3
     p = choose.plan(60_000, 256, choose.parse_memory("1G"))
     assert [c.key for c in p.candidates][:3] == ["HNSW32", "IVF1024,SQ8", "IVF1024,Flat"]
     assert p.compare_families == 2

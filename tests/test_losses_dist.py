@@ -9,6 +9,7 @@ per-rank losses and of the ``logit_scale`` / ``logit_bias`` gradients equals tho
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import socket
@@ -52,6 +53,11 @@ ZOO = {
     "mv_infonce": ("mv_infonce", {}),
     "sogclr": ("sogclr", {"num_samples": 16, "temperature": 0.2}),
     "isogclr": ("isogclr", {"num_samples": 16}),
+    "albef_md": ("albef_md", {"queue_size": 4}),
+    "mochi": ("mochi", {"num_hard": 3, "num_mix": 4, "num_anchor_mix": 2}),
+    "m3col": ("m3col", {"modality": "both"}),
+    "distill_kl": ("distill_kl", {"teacher": None}),
+    "dclip": ("dclip", {"teacher": None}),
 }
 
 
@@ -64,6 +70,12 @@ def global_inputs() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         "logit_scale": torch.tensor(7.0, dtype=torch.float64),
         "logit_bias": torch.tensor(-1.5, dtype=torch.float64),
         "image_tower_features": torch.randn(n, 4, generator=g, dtype=torch.float64),
+        # A momentum model's (albef_md) and a teacher's (distill_kl, dclip) embeddings.
+        **{
+            k: F.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=-1)
+            for k in ("momentum_image_emb", "momentum_text_emb", "teacher_image_emb", "teacher_text_emb")
+        },
+        "teacher_logit_scale": torch.tensor(12.0, dtype=torch.float64),
     }
     # Sample 3 has two captions, one on each rank (mv_infonce groups across ranks).
     return out, {"idx": torch.tensor([3, 11, 0, 7, 3, 9])}
@@ -87,7 +99,7 @@ def run(loss: torch.nn.Module, out: dict, batch: dict, use_open_clip: bool = Fal
     else:
         value = loss(out, batch)["loss"]
     gs = torch.autograd.grad(value, [out[k] for k in KEYS], allow_unused=True)
-    state = {} if use_open_clip else {k: v.clone() for k, v in loss.state_dict().items()}
+    state = {} if use_open_clip else copy.deepcopy(loss.state_dict())
     return {"loss": value.detach(), **{k: g for k, g in zip(KEYS, gs)}, "state": state}
 
 
@@ -102,6 +114,7 @@ def worker(rank: int, port: int, folder: str) -> None:
             for impl in ("ours", "open_clip") if case in CASES else ("ours",):
                 out, batch = (rank_slice(t, rank) for t in global_inputs())
                 loss = LOSSES.build(name, **args) if impl == "ours" else open_clip_loss(name, args, rank)
+                torch.manual_seed(0)  # mochi, m3col: rank 0 draws, as the single process below
                 results[case, impl] = run(loss, out, batch, impl == "open_clip")
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     finally:
@@ -132,6 +145,7 @@ def test_two_process_gather(tmp_path):
                 check(ours[k], ref[k], f"{case} rank {r} {k} vs open_clip")
 
         # 2. With gather_with_grad: the single-process loss over the concatenated batch.
+        torch.manual_seed(0)
         single = run(LOSSES.build(name, **args), *global_inputs())
         got = [per_rank[r][case, "ours"] for r in range(WORLD)]
         if args.get("gather_with_grad", True):

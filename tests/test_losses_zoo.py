@@ -452,6 +452,15 @@ def test_mv_infonce_reads_the_group_key_and_refuses_missing_ids():
         LOSSES.build("mv_infonce")(out, {"idx": torch.tensor([0, -1, 1, 2, 3, 4])})
 
 
+def test_mv_infonce_groups_rows_by_caption_tokens():
+    out = rand_out(seed=62)
+    tokens = torch.tensor([[5, 9, 0], [7, 1, 0], [5, 9, 0], [3, 3, 3], [7, 1, 0], [9, 5, 0]])
+    groups = [0, 1, 0, 2, 1, 3]  # equal token rows are one instance
+    got = LOSSES.build("mv_infonce", group_key="text")(out, {"text": tokens})
+    check(got, ref_mv(out, groups), out)
+    assert got["instances"].item() == 4
+
+
 def test_mv_infonce_hand_example():
     # groups (0, 0, 1): instance A = rows {0, 1}, B = {2}; S row/column sums (S symmetric):
     #   R_0 = e + 2 = 4.7182818, R_1 = R_2 = 1 + e^.6 + e^.8 = 5.0476595

@@ -181,4 +181,3 @@ def test_killed_run_resumes_to_the_same_end(shards, tmp_path, tiny_run):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     assert cfg.train.run_name == "killed"
-

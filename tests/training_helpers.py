@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import random
 import sys
 import time
@@ -48,15 +49,23 @@ def png_bytes(rng: random.Random, size: int = 40) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(folder: Path, n_shards: int = 4, per_shard: int = 24, seed: int = 0, start: int = 0) -> str:
-    """``folder/train-{start..}.tar`` of random PNGs + captions, keys unique across shards; returns the spec."""
+def write_shards(
+    folder: Path, n_shards: int = 4, per_shard: int = 24, seed: int = 0, start: int = 0, idx: bool = False
+) -> str:
+    """``folder/train-{start..}.tar`` of random PNGs + captions, keys unique across shards; returns the spec.
+
+    ``idx``: each sample also gets an ``idx`` member, its running number over the shards.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for s in range(start, start + n_shards):
         with wds.TarWriter(str(folder / f"train-{s:06d}.tar")) as sink:
             for i in range(per_shard):
                 caption = " ".join(rng.choice(WORDS) for _ in range(3))
-                sink.write({"__key__": f"s{s:03d}_{i:04d}", "png": png_bytes(rng), "txt": caption})
+                sample = {"__key__": f"s{s:03d}_{i:04d}", "png": png_bytes(rng), "txt": caption}
+                if idx:
+                    sample["idx"] = str((s - start) * per_shard + i)
+                sink.write(sample)
     last = start + n_shards - 1
     return str(folder / f"train-{{{start:06d}..{last:06d}}}.tar")
 
@@ -95,6 +104,44 @@ def tiny_tree(shards: str, out_dir: Path, **overrides: Any) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[leaf] = value
     return tree
+
+
+def run_training(tree: dict[str, Any], step_delay: float = 0.0, stderr: str | None = None) -> None:
+    """Train on a config tree in this process (one torch thread); a test's child-process target.
+
+    Exits with the CLI's code when the run stops on a ``ClipkitError`` (e.g. 143 after SIGTERM).
+    ``stderr``: a file that receives this process's stderr.
+    """
+    import os
+
+    import torch
+
+    if stderr:
+        sys.stderr = open(stderr, "w", buffering=1)  # noqa: SIM115 - lives as long as the process
+        os.dup2(sys.stderr.fileno(), 2)
+
+    from clipkit.config import Config, from_dict
+    from clipkit.errors import ClipkitError
+    from clipkit.training import loop
+
+    torch.set_num_threads(1)
+    # A forkserver child inherits the forkserver start method; loader workers fork, as in a
+    # plain `clipkit train` on Linux (a forkserver worker unpickles the whole dataset).
+    multiprocessing.set_start_method("fork", force=True)
+    if step_delay:
+        step = loop.train_step
+
+        def slow_step(*args: Any, **kw: Any) -> dict[str, float]:
+            out = step(*args, **kw)
+            time.sleep(step_delay)
+            return out
+
+        loop.train_step = slow_step
+    try:
+        loop.train(from_dict(Config, tree))
+    except ClipkitError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
 
 
 def main(argv: list[str]) -> None:

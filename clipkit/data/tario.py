@@ -168,27 +168,70 @@ def iter_samples(
     the caller can count it and go on. ``TarDamaged`` propagates; the sample being
     assembled when the damage is found is dropped (it may be incomplete).
     """
-    current: dict[str, bytes] = {}
+    for _number, sample in iter_numbered_samples(stream, want):
+        yield sample
+
+
+def iter_numbered_samples(
+    stream: IO[bytes], want: Callable[[str], bool] | None = None, select: Callable[[int], bool] | None = None
+) -> Iterator[tuple[int, dict[str, bytes] | DuplicateMember]]:
+    """``iter_samples`` with each sample's number in the archive (0-based, duplicates included).
+
+    ``select(number)`` (pure: it is asked more than once per sample) picks the samples that
+    are read and yielded; the others are counted but neither read nor yielded, so a reader
+    can jump to sample ``n`` of a local shard by seeking over the members before it.
+    """
+    number, key_now = -1, None
+
+    def name_want(name: str) -> bool:
+        nonlocal number, key_now
+        parts = split_name(name)
+        if parts is None:
+            return False
+        if parts[0] != key_now:  # the same grouping as the loop below, one member earlier
+            key_now, number = parts[0], number + 1
+        return (select is None or select(number)) and (want is None or want(parts[1]))
+
+    current: dict[str, bytes] | None = None
     seen: set[str] = set()  # extensions of the current sample, read or not
-    duplicate = None
-    for name, data in iter_tar(stream, None if want is None else (lambda n: _wanted(n, want))):
+    duplicate, n, key = None, -1, None
+    plain = want is None and select is None
+    for name, data in iter_tar(stream, None if plain else name_want):
         parts = split_name(name)
         if parts is None:
             continue
-        key, ext = parts
-        if current and current["__key__"] != key:
-            yield duplicate or current
-            current, seen, duplicate = {}, set(), None
-        current.setdefault("__key__", key)  # type: ignore[arg-type]
+        if parts[0] != key:
+            if current is not None:
+                yield n, duplicate or current
+            key, n = parts[0], n + 1
+            current = {"__key__": key} if select is None or select(n) else None  # type: ignore[dict-item]
+            seen, duplicate = set(), None
+        if current is None:
+            continue
+        ext = parts[1]
         if ext in seen:
             duplicate = DuplicateMember(f"member '{key}.{ext}' appears twice")
         seen.add(ext)
         if want is None or want(ext):
             current[ext] = data
-    if current:
-        yield duplicate or current
+    if current is not None:
+        yield n, duplicate or current
 
 
 def _wanted(name: str, want: Callable[[str], bool]) -> bool:
     parts = split_name(name)
     return parts is not None and want(parts[1])
+
+
+def start_problem(stream: IO[bytes]) -> str | None:
+    """Why ``stream`` does not start like a tar archive (plain or gzip), or None; reads one block."""
+    head = _read_exact(stream, BLOCK)
+    if head[:2] == GZIP_MAGIC:
+        return None  # the checksum is inside the compressed stream; reading decides
+    if len(head) < BLOCK:
+        return "is empty" if not head else f"is {len(head)} bytes, shorter than one tar block"
+    if head == ZERO_BLOCK:
+        return None  # an empty archive: readable, holds no sample
+    if not _checksum_ok(head):
+        return "does not start with a tar header (bad checksum)"
+    return None

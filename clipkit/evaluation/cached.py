@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from clipkit.evaluation.embed import eval_mode, image_batches, model_device
+from clipkit.models.inference import bulk_inference
 
 
 class FeatureDataset:
@@ -51,17 +52,29 @@ class _TowerView(nn.Module):
 
 
 def tower_feature_dataset(
-    model: nn.Module, dataset: Iterable[dict[str, Any]], batch_size: int = 64, desc: str = "image tower"
+    model: nn.Module,
+    dataset: Iterable[dict[str, Any]],
+    batch_size: int = 64,
+    desc: str = "image tower",
+    precision: str = "fp32",
 ) -> FeatureDataset:
-    """Run ``model``'s vision tower once over ``dataset``; keep outputs on the CPU."""
+    """Run ``model``'s vision tower once over ``dataset``; keep outputs on the CPU.
+
+    The tower runs channels-last (and under bf16 autocast with ``precision="bf16"``), as the
+    training feature cache does (``clipkit.models.inference``).
+    """
     view = _TowerView(model)
     device = model_device(model)
     samples: list[dict[str, Any]] = []
     total = len(dataset) if hasattr(dataset, "__len__") else None
-    with eval_mode(model), tqdm(total=total, desc=desc, unit="img", leave=False) as bar:
+    with (
+        eval_mode(model),
+        bulk_inference(model.vision, precision) as prep,
+        tqdm(total=total, desc=desc, unit="img", leave=False) as bar,
+    ):
         for batch in image_batches(view, dataset, batch_size, 0):
             bar.update(len(batch["key"]))
-            feats = model.tower_features(batch["image"].to(device)).float().cpu()  # (B, F)
+            feats = model.tower_features(prep(batch["image"].to(device))).float().cpu()  # (B, F)
             for i, key in enumerate(batch["key"]):
                 sample: dict[str, Any] = {"image": feats[i].clone(), "key": key}  # own storage
                 if "label" in batch:

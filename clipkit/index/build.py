@@ -7,9 +7,12 @@
 3. Candidates from ``choose.plan`` (or ``--key``); for each: train on a random sample, add the
    parts one by one, tune ``nprobe`` / ``efSearch`` to the smallest value at which recall@k
    reaches the target with 97.5% confidence (mean - 2 standard errors over the queries), so
-   that new queries reach it too. The first candidate that reaches it wins (between HNSW and
-   IVF in the mid-size band: the faster at batch 1); when one cannot, only candidates with
-   finer codes or another structure are tried next.
+   that new queries reach it too. Flat is exact by construction (the ground truth is the same
+   scan) and is not searched again. Above ``choose.EXACT_ONLY_N`` vectors the first candidate
+   of each family (flat, hnsw, ivf) that reaches the target is built and the one with the most
+   queries/s at batch 1 (a time-boxed measurement) wins; otherwise the first to reach it.
+   When one misses, only candidates with finer codes or another structure are tried next; an
+   IVF candidate with the same lists as an earlier one reuses its k-means centroids.
 4. Write ``index.faiss``, ``trained.faiss`` (the trained, empty index: build other shards
    with ``--trained`` to merge them later), ``metadata.parquet`` (row/``id`` i = FAISS id i)
    and ``report.json``, each atomically.
@@ -69,15 +72,15 @@ def set_search_params(index: faiss.Index, params: dict[str, int]) -> None:
         ps.set_index_parameter(index, name, int(value))
 
 
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident memory (Linux VmHWM), or None where unavailable."""
+def rss_bytes(field: str = "VmHWM") -> int | None:
+    """This process's peak (VmHWM) or current (VmRSS) resident memory; None off Linux."""
     try:
         with open("/proc/self/status") as f:
             status = f.read()
     except OSError:
         return None
     for line in status.splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return None
 
@@ -102,17 +105,19 @@ def drop_self(ids: np.ndarray, self_ids: np.ndarray | None, k: int) -> np.ndarra
 
 
 def per_query_recall(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """(Q,) |found ∩ truth| / |truth| per query (ids -1 are padding)."""
-    return np.array(
-        [len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, (t >= 0).sum()) for f, t in zip(found, truth)]
-    )
+    """(Q,) |found ∩ truth| / |truth| per query (ids -1 are padding; FAISS never repeats an id)."""
+    valid = truth >= 0  # (Q, k)
+    hit = (truth[:, :, None] == found[:, None, :]).any(2) & valid  # (Q, k_truth): found among results
+    return hit.sum(1) / np.maximum(1, valid.sum(1))
 
 
 class Evaluator:
     """Recall@k and queries/s of an index on fixed held-out queries."""
 
-    def __init__(self, queries: np.ndarray, truth: np.ndarray, k: int, self_ids: np.ndarray | None):
+    def __init__(self, queries: np.ndarray, truth: np.ndarray, k: int, self_ids: np.ndarray | None,
+                 min_seconds: float = 0.15):  # fmt: skip
         self.queries, self.truth, self.k, self.self_ids = queries, truth, k, self_ids
+        self.min_seconds = min_seconds  # how long each speed measurement runs (see qps)
 
     def recall(self, index: faiss.Index) -> tuple[float, float]:
         """(mean recall@k, its lower 97.5% confidence bound: mean - 2 standard errors).
@@ -126,22 +131,25 @@ class Evaluator:
         se = r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else 0.0
         return float(r.mean()), float(r.mean() - 2 * se)
 
-    min_seconds = 1.0  # how long each speed measurement runs
-
     def qps(self, index: faiss.Index, batch: int) -> float:
-        """Queries per second at this batch size (batch 1: one query per call)."""
-        q = self.queries[: max(batch, 1)] if batch > 1 else self.queries
+        """Queries per second at this batch size (batch 1: one query per call).
+
+        Runs for ``min_seconds`` (at least 5 single queries or one batch), checking the clock
+        after every call, so a slow index (Flat over many vectors, or threads fighting for
+        busy cores) costs no more time than a fast one.
+        """
+        q = self.queries[: max(batch, 1)]
+        index.search(q[: min(len(q), 10)], self.k)  # warm up: first touches of the index pages
         done, t0 = 0, time.perf_counter()
         while True:
             if batch == 1:
-                for i in range(min(len(q), 1000)):
-                    index.search(q[i : i + 1], self.k)
-                    done += 1
+                index.search(self.queries[done % len(self.queries)][None], self.k)
+                done += 1
             else:
                 index.search(q, self.k)
                 done += len(q)
             elapsed = time.perf_counter() - t0
-            if elapsed >= self.min_seconds:
+            if elapsed >= self.min_seconds and (batch > 1 or done >= 5):
                 return done / elapsed
 
 
@@ -154,8 +162,8 @@ def tune(index: faiss.Index, family: str, ev: Evaluator, target: float) -> tuple
     hit. Recall is assumed non-decreasing in the parameter.
     """
     name = SEARCH_PARAM[family]
-    if name is None:
-        return {}, ev.recall(index), []
+    if name is None:  # exact search: the ground truth is this very scan, so recall is 1
+        return {}, (1.0, 1.0), []
     ivf = faiss.try_extract_index_ivf(index)
     top = ivf.nlist if ivf is not None else 4096
     start = 1 if ivf is not None else max(16, ev.k)
@@ -204,11 +212,20 @@ def _queries(emb: EmbeddingSet, queries: str | Path | np.ndarray | None, n_queri
     return np.ascontiguousarray(q, dtype=np.float32), None, f"{len(q)} held-out queries from {queries}"
 
 
-def _new_index(cand: choose.Candidate, emb: EmbeddingSet, rng, trained: faiss.Index | None) -> faiss.Index:
+def _new_index(cand: choose.Candidate, emb: EmbeddingSet, rng, trained: faiss.Index | None,
+               centroids: dict[int, np.ndarray]) -> faiss.Index:  # fmt: skip
+    """A trained, empty index for ``cand``.
+
+    ``centroids`` (nlist -> (nlist, d) coarse centroids) carries the k-means result from one
+    IVF candidate to the next with the same lists (IVF-SQ8 missing the target -> IVF-Flat):
+    IndexIVF skips training a quantizer that already holds nlist centroids. Indexes behind a
+    rotation (OPQ) cluster in the rotated space and train their own.
+    """
     if trained is not None:
         return faiss.clone_index(trained)
     index = faiss.index_factory(emb.d, cand.key, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.try_extract_index_ivf(index)
+    bare_ivf = ivf is not None and not isinstance(faiss.downcast_index(index), faiss.IndexPreTransform)
     if ivf is not None:
         ivf.cp.spherical = True  # unit-norm data: centroids on the sphere (cosine k-means)
         ivf = faiss.downcast_index(ivf)
@@ -216,15 +233,19 @@ def _new_index(cand: choose.Candidate, emb: EmbeddingSet, rng, trained: faiss.In
             # On by default in index_factory; it only serves Hamming-threshold ("ht") search,
             # which clipkit does not use, and it is most of the PQ training time.
             ivf.do_polysemous_training = False
+        if bare_ivf and cand.nlist in centroids:
+            ivf.quantizer.add(centroids[cand.nlist])
     if not index.is_trained:
         sample = emb.take(np.sort(rng.choice(emb.n, min(cand.train_rows or emb.n, emb.n), replace=False)))
         index.train(sample)
+    if bare_ivf:
+        centroids[cand.nlist] = ivf.quantizer.reconstruct_n(0, ivf.nlist)
     return index
 
 
-def _attempt(cand, emb, ev, target, rng, trained, log) -> dict[str, Any]:
+def _attempt(cand, emb, ev, target, rng, trained, centroids, log) -> dict[str, Any]:
     t0 = time.perf_counter()
-    index = _new_index(cand, emb, rng, trained)
+    index = _new_index(cand, emb, rng, trained, centroids)
     trained_bytes = faiss.serialize_index(index).tobytes() if cand.family == "ivf" else b""
     t1 = time.perf_counter()
     for _, vectors in emb.iter_parts():
@@ -256,14 +277,15 @@ def _search_candidates(cands, compare: int, emb, ev, target, rng, trained, log) 
     with codes at least as fine (coarser codes cannot do better). Among those reaching the
     target the one with the most queries/s at batch 1 wins; if none does, the best recall.
     """
-    best, tried, reached, missed = None, [], set(), {}
+    best, tried, reached, missed, centroids = None, [], set(), {}, {}
     for cand in cands:
         if cand.family in reached or missed.get(cand.family, -1) >= cand.code_bytes:
             continue
-        att = _attempt(cand, emb, ev, target, rng, trained, log)
+        att = _attempt(cand, emb, ev, target, rng, trained, centroids, log)
         if att["reached"]:
             reached.add(cand.family)
-            att["qps1"] = ev.qps(att["index"], 1) if compare > 1 else 0.0
+            if compare > 1:
+                att["qps1"] = ev.qps(att["index"], 1)
         else:
             missed[cand.family] = max(missed.get(cand.family, -1), cand.code_bytes)
         tried.append(
@@ -305,11 +327,11 @@ def build_index(
     key: str | None = None,
     trained: str | Path | None = None,
     seed: int = 0,
-    speed_seconds: float = 1.0,
+    speed_seconds: float = 0.15,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Build, tune and write an index for the export in ``emb_dir``; returns the report."""
-    t_start = time.perf_counter()
+    t_start, rss_at_start = time.perf_counter(), rss_bytes("VmRSS")
     if not 0 < target_recall <= 1 or k < 1 or n_queries < 1:
         raise BuildError(
             f"need 0 < target recall <= 1, k >= 1, queries >= 1 (got {target_recall}, {k}, {n_queries})"
@@ -327,13 +349,11 @@ def build_index(
     t0 = time.perf_counter()
     truth = drop_self(exact_knn(emb, q, k + (self_ids is not None)), self_ids, k)
     gt_s = time.perf_counter() - t0
-    ev = Evaluator(q, truth, k, self_ids)
-    ev.min_seconds = speed_seconds
+    ev = Evaluator(q, truth, k, self_ids, min_seconds=speed_seconds)
     best = _search_candidates(cands, compare, emb, ev, target_recall, rng, trained_index, log)
-    tried = best.pop("tried")
-    return _finish(
-        emb, Path(out_dir), best, ev, tried, rejected, budget, target_recall, q_note, gt_s, t_start, log
-    )
+    context = {"rejected": rejected, "budget": budget, "target": target_recall, "queries": q_note,
+               "ground_truth_s": gt_s, "t_start": t_start, "rss_at_start": rss_at_start}  # fmt: skip
+    return _finish(emb, Path(out_dir), best, ev, context, log)
 
 
 def _read_trained(trained: str | Path | None, d: int) -> tuple[faiss.Index | None, str]:
@@ -352,7 +372,7 @@ def _read_trained(trained: str | Path | None, d: int) -> tuple[faiss.Index | Non
     return index, json.loads((folder / REPORT_FILE).read_text())["index_key"]
 
 
-def _finish(emb, out: Path, best, ev, tried, rejected, budget, target, q_note, gt_s, t_start, log):
+def _finish(emb: EmbeddingSet, out: Path, best: dict, ev: Evaluator, ctx: dict, log) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cand, index = best["cand"], best["index"]
     write_index(index, out / INDEX_FILE)
@@ -365,8 +385,8 @@ def _finish(emb, out: Path, best, ev, tried, rejected, budget, target, q_note, g
     meta = meta.add_column(0, "id", pa.array(np.arange(meta.num_rows, dtype=np.int64)))
     with atomic_open(out / META_FILE) as f:
         pq.write_table(meta, f)
-    build_s = time.perf_counter() - t_start
-    qps1, qps_many = ev.qps(index, 1), ev.qps(index, 1000)
+    build_s = time.perf_counter() - ctx["t_start"]
+    qps1, qps_many = best.get("qps1") or ev.qps(index, 1), ev.qps(index, 1000)
     report = {
         "index_key": cand.key,
         "family": cand.family,
@@ -380,7 +400,7 @@ def _finish(emb, out: Path, best, ev, tried, rejected, budget, target, q_note, g
         "k": ev.k,
         f"recall_at_{ev.k}": round(best["recall"], 4),
         "recall_lower_bound": round(best["bound"], 4),  # mean - 2 standard errors; tuned to >= target
-        "target_recall": target,
+        "target_recall": ctx["target"],
         "target_reached": bool(best["reached"]),
         "qps_batch1": round(qps1, 1),
         "qps_batch1000": round(qps_many, 1),
@@ -389,20 +409,21 @@ def _finish(emb, out: Path, best, ev, tried, rejected, budget, target, q_note, g
         "size_bytes": (out / INDEX_FILE).stat().st_size,
         "estimated_bytes": cand.index_bytes,
         "estimated_build_peak_bytes": cand.build_peak_bytes,
-        "process_peak_rss_bytes": peak_rss_bytes(),
-        "memory_budget_bytes": budget,
+        "process_peak_rss_bytes": rss_bytes("VmHWM"),
+        "process_rss_at_start_bytes": ctx["rss_at_start"],  # libraries etc.; the estimates exclude it
+        "memory_budget_bytes": ctx["budget"],
         "build_time_s": round(build_s, 2),
-        "ground_truth_s": round(gt_s, 2),
-        "queries": q_note,
+        "ground_truth_s": round(ctx["ground_truth_s"], 2),
+        "queries": ctx["queries"],
         "tuning_curve": best["curve"],
-        "tried": tried,
-        "rejected": [{"key": c.key, "why": why} for c, why in rejected],
+        "tried": best["tried"],
+        "rejected": [{"key": c.key, "why": why} for c, why in ctx["rejected"]],
         "trained_sha256": hashlib.sha256(best["trained_bytes"]).hexdigest() if best["trained_bytes"] else "",
     }
     write_json(out / REPORT_FILE, report)
     if not best["reached"]:
         log(
-            f"warning: no index within the budget reached recall@{ev.k} {target}; kept {cand.key} at "
+            f"warning: no index within the budget reached recall@{ev.k} {ctx['target']}; kept {cand.key} at "
             f"{best['recall']:.4f} (a larger --memory allows finer codes)"
         )
     return report

@@ -5,24 +5,29 @@ first, with an honest memory estimate for each: the bytes the index holds once l
 serving (what the budget limits, as autofaiss's ``max_index_memory_usage`` does) and the peak
 while building it (training sample, k-means work arrays, ``std::vector`` growth of the
 inverted lists, one shard of float32 vectors). The builder tries them in order and keeps the
-first that reaches the target recall after tuning (``clipkit.index.build``).
+first that reaches the target recall after tuning or, when ``compare_families`` > 1, the one
+with the most queries/s among the first to reach it in each family (``clipkit.index.build``).
 
 The order, and why:
 
-* ``n <= FLAT_MAX_N``: ``Flat``. Exact; scanning 20k vectors costs about what an index
-  lookup does, and there is nothing to train or tune.
-* ``n <= HNSW_MAX_N``, when ``HNSW32`` fits: it and the first IVF candidate are both built
-  and the one with more queries/s at batch 1 (at the target recall) is kept. Which wins
-  depends on the data: on clustered, low-rank embeddings the graph does; on noisy
-  high-dimensional data IVF does (60k x 64 noisy clusters: IVF256,Flat 1,170 q/s against
-  HNSW32's 940, built in 1/3 of the time). At this size both build in about a minute.
-  Above it HNSW's build (serial graph inserts, ~1 min per 100k on 2 cores) dominates, and
-  its memory (vectors + 260 B/vector of graph) rarely beats IVF's for a budget.
+* ``n <= EXACT_ONLY_N``: ``Flat``. Exact, and a scan of 2k vectors costs about a lookup.
+* ``n <= HNSW_MAX_N``: ``Flat`` (up to ``FLAT_MAX_N``), ``HNSW32`` and the IVF candidates
+  are contenders: in each family the first candidate that reaches the target recall is
+  built and tuned, and the one with the most queries/s at batch 1 is kept. Flat costs only
+  its speed measurement (no training, exact by construction). Which wins depends on the
+  data and the load: on 11k real image embeddings (the bundled images, 2 threads) HNSW32 at
+  efSearch 16 and IVF256,SQ8 at nprobe 17 both answer 25-37k queries/s against Flat's
+  4k at best, the two trading places from run to run; on 60k noisy 64-d clusters IVF256,Flat
+  beat HNSW32 (1,170 against 940 q/s, built in a third of the time). Each builds in seconds
+  at 11k and within a minute at 100k; above that HNSW's build (serial graph inserts, ~1 min
+  per 100k on 2 cores) dominates, and its memory (vectors + 260 B/vector of graph) rarely
+  beats IVF's for a budget.
 * IVF with ``nlist`` = the power of two nearest ``4 * sqrt(n)``, one code per fitting budget:
   ``SQ8`` (1 byte/dim: loses ~1-2 points of recall, scans 4x fewer bytes than Flat),
   then ``Flat`` (exact distances, when SQ8 cannot reach a very high target), then product
   quantization from the largest code down (``OPQ`` rotation first when each sub-quantizer
   covers >= 4 dims; with 2 dims per sub-quantizer it buys little and trains slowly).
+  IVF also backs up a small collection whose Flat index exceeds the budget.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from dataclasses import dataclass, field
 
 from clipkit.errors import ClipkitError
 
-FLAT_MAX_N = 20_000
+EXACT_ONLY_N = 2_000
+FLAT_MAX_N = 50_000
 HNSW_MAX_N = 100_000
 HNSW_M = 32
 # k-means wants >= 39 training points per centroid (FAISS warns below); 40 leaves margin.
@@ -66,7 +72,7 @@ class Plan:
     budget_bytes: int
     candidates: list[Candidate]
     rejected: list[tuple[Candidate, str]] = field(default_factory=list)
-    # Build the best candidate of this many families (hnsw, ivf) and keep the faster.
+    # Build the best candidate of this many families (flat, hnsw, ivf) and keep the fastest.
     compare_families: int = 1
 
 
@@ -172,9 +178,9 @@ def plan(n: int, d: int, budget_bytes: int, shard_rows: int = 10_000) -> Plan:
     if n < 1 or d < 1:
         raise IndexChoiceError(f"cannot index {n} vectors of dimension {d}")
     wanted = [_flat(n, d)] if n <= FLAT_MAX_N else []
-    if FLAT_MAX_N < n <= HNSW_MAX_N:
+    if EXACT_ONLY_N < n <= HNSW_MAX_N:
         wanted.append(_hnsw(n, d, shard_rows))
-    nlist = ivf_nlist(n)  # IVF also backs up a small collection whose Flat exceeds the budget
+    nlist = ivf_nlist(n)
     codes = ["SQ8", "Flat"] + [f"PQ{m}" for m in pq_sizes(d)]
     wanted += [_ivf(n, d, nlist, c, shard_rows) for c in codes]
     fits = [c for c in wanted if c.index_bytes <= budget_bytes]
@@ -189,6 +195,5 @@ def plan(n: int, d: int, budget_bytes: int, shard_rows: int = 10_000) -> Plan:
             f"no index of {n} x {d} vectors fits in {format_bytes(budget_bytes)}: the smallest, "
             f"{smallest.key}, needs {format_bytes(smallest.index_bytes)}; raise --memory"
         )
-    families = {c.family for c in fits}
-    compare = 2 if {"hnsw", "ivf"} <= families else 1
+    compare = 1 if n <= EXACT_ONLY_N else len({c.family for c in fits})
     return Plan(n, d, budget_bytes, fits, rejected, compare_families=compare)

@@ -20,15 +20,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipkit.data.atomic import atomic_open, atomic_write_text
 from clipkit.errors import ClipkitError
+
+if TYPE_CHECKING:  # pandas costs 0.25 s to import; only writers need it
+    import pandas as pd
 
 META_COLUMNS = ["key", "idx", "caption", "source", "shard", "offset"]
 META_SCHEMA = pa.schema(
@@ -65,6 +67,8 @@ def write_part(
     seconds: float = 0.0,
 ) -> None:
     """Write one part: parquet, then npy, then the json marker (each atomically)."""
+    import pandas as pd
+
     root = Path(root)
     table = pa.Table.from_pandas(pd.DataFrame(meta)[META_COLUMNS], schema=META_SCHEMA, preserve_index=False)
     if table.num_rows != len(vectors):

@@ -13,11 +13,15 @@ from torch import nn
 
 from clipkit.config import LossConfig
 from clipkit.losses import (  # noqa: F401  (importing a module registers its losses)
+    albef_md,
     clip,
     clip_unif_align,
     cwcl,
     dcl,
+    distill,
     isogclr,
+    m3col,
+    mochi,
     mv_infonce,
     siglip,
     sogclr,

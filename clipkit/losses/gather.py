@@ -120,3 +120,18 @@ def ring_exchange(x: torch.Tensor) -> torch.Tensor:
     for req in dist.batch_isend_irecv(ops):
         req.wait()
     return received
+
+
+def broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``x`` on every rank (no autograd); all ranks pass the same shape and dtype.
+
+    For the random draws of a loss that every rank computes over the global batch (the
+    mixing pairs of ``m3col``, ``mochi``): ranks are seeded differently, so rank 0 draws.
+    Identity when not distributed.
+    """
+    _, world = dist_info()
+    if world == 1:
+        return x
+    x = x.detach().clone().contiguous()
+    dist.broadcast(x, src=0)
+    return x

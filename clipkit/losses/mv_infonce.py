@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipkit.losses.base import LOSSES, pair, sample_ids, upcast
+from clipkit.losses.base import LOSSES, need, pair, sample_ids, upcast
 from clipkit.losses.gather import all_gather_cat, gather_features
 
 
@@ -20,7 +20,10 @@ class MultiViewInfoNceLoss(nn.Module):
     Input convention: each row of the batch is one (image, caption) pair; rows whose
     ``batch[group_key]`` (default ``"idx"``, the dataset sample index) are equal are views
     of the same instance, e.g. one image repeated with each of its K captions. With
-    ``z_rc = s x_r.y_c`` over the global batch and G an instance (set of rows)::
+    ``z_rc = s x_r.y_c`` over the global batch and G an instance (set of rows). With
+    ``group_key="text"`` rows with identical caption tokens are one instance instead: several
+    images of one caption (the colour and silhouette views of an emoji) are its views.
+    With ``z_rc = s x_r.y_c`` over the global batch and G an instance (set of rows)::
 
         L_G = -log( 2 sum_{r in G, c in G} exp(z_rc)
                     / [ sum_{r in G} sum_c exp(z_rc) + sum_{c in G} sum_r exp(z_rc) ] )
@@ -45,7 +48,10 @@ class MultiViewInfoNceLoss(nn.Module):
 
     def forward(self, out: dict[str, Any], batch: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
         img, txt, scale = pair(out, "mv_infonce")
-        ids = sample_ids(batch, "mv_infonce", key=self.group_key).to(img.device)
+        if self.group_key == "text":  # rows with the same caption tokens are views of one instance
+            ids = caption_ids(need(batch, "text", "mv_infonce", "batch")).to(img.device)
+        else:
+            ids = sample_ids(batch, "mv_infonce", key=self.group_key).to(img.device)
         x, y = gather_features(upcast(img), upcast(txt))  # (N, D)
         groups = all_gather_cat(ids, with_grad=False)  # (N,)
         logits = scale * x @ y.T  # (N, N): image rows, text columns
@@ -61,6 +67,22 @@ class MultiViewInfoNceLoss(nn.Module):
         per_instance = -(math.log(2.0) + pos - energy)  # (G,)
         instances = torch.tensor(float(n_inst), device=logits.device)
         return {"loss": per_instance.mean(), "instances": instances}
+
+
+def caption_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 id of each row of token ids (B, L): equal rows, equal ids, on every rank.
+
+    Two polynomial hashes modulo the prime 2^31 - 1 (products stay below 2^52: no int64
+    overflow), joined into 62 bits: collisions ~ B^2 / 2^62, and ids agree across processes
+    without any exchange.
+    """
+    p = (1 << 31) - 1
+    h1 = torch.zeros(tokens.shape[0], dtype=torch.int64, device=tokens.device)
+    h2 = torch.zeros_like(h1)
+    for col in tokens.long().unbind(dim=1):
+        h1 = (h1 * 1_000_003 + col + 1) % p
+        h2 = (h2 * 65_599 + col + 7) % p
+    return (h1 << 31) | h2
 
 
 def _group_lse(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:

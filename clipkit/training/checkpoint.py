@@ -13,6 +13,7 @@ tensors, numbers, strings, lists and dicts, so it loads with ``torch.load(weight
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import pickle
@@ -76,20 +77,44 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def save(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
     """Write checkpoint ``step`` atomically, then its sidecar; keep the last ``keep_last`` (0 = all)."""
     path = checkpoint_path(run_dir, step)
-    with atomic_open(path, "wb") as f:
-        writer = _HashingWriter(f)
-        torch.save(state, writer)
-    sidecar = {
-        "file": path.name,
-        "size": writer.size,
-        "sha256": writer.sha.hexdigest(),
-        "step": step,
-        "samples_seen": int(state.get("samples_seen", -1)),
-    }
-    atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=1) + "\n")
+    try:
+        with atomic_open(path, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(state, writer)
+        sidecar = {
+            "file": path.name,
+            "size": writer.size,
+            "sha256": writer.sha.hexdigest(),
+            "step": step,
+            "samples_seen": int(state.get("samples_seen", -1)),
+        }
+        atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=1) + "\n")
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        # atomic_open removed its temporary file; a .pt without sidecar would never be "latest"
+        # but is dead weight on a full disk.
+        path.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {_os_reason(err)}; nothing was replaced, the last good "
+            f"checkpoint is still the latest. Free space in {path.parent} (or move train.output_dir) and "
+            "continue with train.resume=latest"
+        ) from err
     if keep_last > 0:
         prune(run_dir, keep_last)
     return path
+
+
+def _os_reason(err: BaseException) -> str:
+    while not isinstance(err, OSError) and err.__cause__ is not None:
+        err = err.__cause__
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror + (" (the disk is full)" if err.errno == errno.ENOSPC else "")
+    return f"{type(err).__name__}: {err}"
+
+
+def estimated_size(model: nn.Module) -> int:
+    """About the bytes of one checkpoint: the weights plus AdamW's two moments of the trainable ones."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return total + sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
 
 
 def _file_sha256(path: Path) -> str:
@@ -132,6 +157,20 @@ def latest(run_dir: str | Path) -> Path | None:
     for line in skipped:
         warnings.warn(f"skipping checkpoint {line}; {fallback}", stacklevel=2)
     return found
+
+
+def remove_temporaries(run_dir: str | Path) -> list[str]:
+    """Delete the temporary files of checkpoint writes that a killed run left; returns their names.
+
+    Only call it when no other process writes this run folder (at the start of a run).
+    """
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(".step_") and p.name.endswith(".tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return [p.name for p in stale]
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:

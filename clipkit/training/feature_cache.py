@@ -42,6 +42,7 @@ from clipkit.data.atomic import atomic_open, atomic_write_text
 from clipkit.data.tario import iter_samples
 from clipkit.data.urls import expand_urls, is_local
 from clipkit.errors import ClipkitError
+from clipkit.models.inference import bulk_inference
 
 CACHE_DIRNAME = "_clipkit_cache"
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -168,7 +169,13 @@ def scan_keys(shards: list[Path]) -> dict[Path, list[str]]:
 
 
 def _compute(
-    model: Any, data_cfg: DataConfig, shards: list[Path], wanted: set[str], device: torch.device, bar: tqdm
+    model: Any,
+    data_cfg: DataConfig,
+    shards: list[Path],
+    wanted: set[str],
+    device: torch.device,
+    bar: tqdm,
+    precision: str = "fp32",
 ) -> dict[str, np.ndarray]:
     """Tower features of the ``wanted`` keys, reading ``shards`` in order with the data pipeline."""
     from clipkit.data import build_loader
@@ -188,12 +195,12 @@ def _compute(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), bulk_inference(model.vision, precision) as prep:
             for batch in loader:
                 pick = [i for i, k in enumerate(batch["key"]) if k in wanted and k not in found]
                 if not pick:
                     continue
-                images = batch["image"][pick].to(device, non_blocking=True)  # (b, 3, H, W)
+                images = prep(batch["image"][pick].to(device, non_blocking=True))  # (b, 3, H, W)
                 feats = model.tower_features(images).float().cpu().numpy()  # (b, F)
                 for row, i in enumerate(pick):
                     found[batch["key"][i]] = feats[row]
@@ -241,14 +248,16 @@ def build_feature_cache(
     run_dir: str | Path,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    precision: str = "fp32",
 ) -> tuple[FeatureCache, str]:
     """Cache ``model.tower_features`` for every sample of ``urls``; returns (cache, one-line report).
 
     Only keys missing from an existing cache of the same tower fingerprint are computed, and
-    only the shards holding them are read.
+    only the shards holding them are read. ``precision="bf16"`` computes under bf16 autocast
+    (``clipkit.models.inference``) into a cache of its own (fingerprint suffix ``-bf16``).
     """
     shards = shard_paths(urls)
-    fingerprint = model.vision.fingerprint()
+    fingerprint = model.vision.fingerprint() + ("" if precision == "fp32" else f"-{precision}")
     read_from, write_to, note = cache_folders(shards, fingerprint, Path(run_dir))
     old = FeatureCache(write_to if (write_to / "keys.json").is_file() else read_from)
     per_shard = scan_keys(shards)
@@ -264,7 +273,7 @@ def build_feature_cache(
     bar = tqdm(total=len(missing), desc="feature cache", unit="img", disable=not progress, dynamic_ncols=True)
     with bar:
         for group in _chunks(todo, per_shard, missing):  # saved after each group: a kill loses one group
-            new = _compute(model, data_cfg, group, missing, torch.device(device), bar)
+            new = _compute(model, data_cfg, group, missing, torch.device(device), bar, precision)
             group_keys = {k for shard in group for k in per_shard[shard] if k in missing}
             old = _append(write_to, old, new, old.absent | (group_keys - set(new)), meta)
             computed += len(new)

@@ -7,6 +7,12 @@
              every ``train.checkpoint_every`` steps
     finish() last checkpoint, skipped-sample report, curves.png
 
+Guards (``clipkit.training.safety``): shards and run folder are checked before the model is
+built; a watchdog thread reports a loader that gives no batch for ``train.stall_timeout_s``;
+a step with a non-finite loss or gradient is skipped (after ``train.max_nonfinite_steps`` in
+a row the run stops, keeping its last good checkpoint); SIGTERM / SIGINT checkpoint at the
+end of the step, then raise ``Interrupted`` (exit code 128 + signal in the CLI).
+
 How the sample budget maps to steps and epochs, and what resume restores, is in
 ``clipkit.training.stream``; the checkpoint format in ``clipkit.training.checkpoint``.
 Gradient accumulation is plain: each micro-batch is its own contrastive batch (negatives
@@ -18,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +45,19 @@ from clipkit.losses import build_loss
 from clipkit.losses.stats import embedding_stats
 from clipkit.models import build_model
 from clipkit.training import checkpoint as ckpt
-from clipkit.training.gradcache import grad_cache_step
 from clipkit.training.feature_cache import FeatureCache, build_feature_cache, why_not_cached
+from clipkit.training.gradcache import grad_cache_step
 from clipkit.training.metrics import MetricsLog, plot_curves
 from clipkit.training.optim import build_optimizer, format_summary, group_summary
+from clipkit.training.safety import (
+    GracefulStop,
+    Interrupted,
+    NonFiniteSteps,
+    Watchdog,
+    check_run_folder,
+    preflight_shards,
+)
+from clipkit.training.sample_log import SampleLog
 from clipkit.training.schedule import build_scheduler
 from clipkit.training.stream import TrainStream, steps_for, trim
 
@@ -67,6 +84,9 @@ class Run:
     last_saved: int = -1
     metrics: MetricsLog | None = None
     window: dict[str, Any] = field(default_factory=dict)  # sums since the last log row
+    nonfinite: NonFiniteSteps = field(default_factory=lambda: NonFiniteSteps(0))
+    sample_log: SampleLog | None = None
+    stop: GracefulStop = field(default_factory=GracefulStop)
 
 
 # ---------------------------------------------------------------------------- setup
@@ -166,10 +186,11 @@ def prepare_cache(
 def make_stream(cfg: Config, model: nn.Module, acc: Accelerator, cache: FeatureCache | None) -> TrainStream:
     transform = None if cache is not None else model.image_transform(train=True)
 
-    def loader(seed: int, epoch: int) -> Any:
+    def loader(seed: int, epoch: int, resume: dict[str, Any] | None) -> Any:
         return build_loader(
             cfg.data, cfg.data.train, transform, model.tokenize, train=True, seed=seed,
             rank=acc.process_index, world_size=acc.num_processes, feature_lookup=cache, epoch=epoch,
+            resume=resume,
         )  # fmt: skip
 
     def all_ranks_have(ok: bool) -> bool:
@@ -194,7 +215,17 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.loss_fn.load_state_dict(state["loss"])
     run.step = run.last_saved = int(state["step"])
     run.samples_seen = int(state["samples_seen"])
-    run.stream.epoch, run.stream.start_step = int(state["epoch"]), run.step  # reseed: (seed, epoch, step)
+    run.nonfinite.total = int(state.get("nonfinite", 0))
+    streams = state.get("stream") or []
+    mine = streams[run.acc.process_index] if run.acc.process_index < len(streams) else {}
+    if mine.get("positions") is not None:  # exact: each worker goes on where it was
+        run.stream.load_state_dict(mine)
+    else:  # no positions (an older checkpoint, a hard-negative pass): reseed with (seed, epoch, step)
+        run.stream.epoch, run.stream.start_step = int(state["epoch"]), run.step
+        if run.acc.is_main_process:
+            print(
+                f"note: the checkpoint holds no exact data-stream position; epoch {run.stream.epoch} restarts reseeded"
+            )
     run.stream.skip.by_kind.update(state.get("skipped", {}))
     run.stream.skip.seen = int(state.get("skip_seen", 0))
     run.stream.dropped = int(state.get("dropped", 0))
@@ -220,29 +251,47 @@ def setup(cfg: Config) -> Run:
         torch.set_num_threads(cfg.train.threads)
     acc = make_accelerator(cfg.train.precision)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
+    preflight_shards(cfg.data, acc.num_processes)
     run_dir, resume_from = resolve_run_dir(cfg, acc)
     state = ckpt.load(resume_from) if resume_from else None
     model = build_model(cfg.model).to(acc.device)
     if state is not None:  # before the feature cache: its key is the vision weights' fingerprint
         ckpt.load_model_state(model, state["model"], str(resume_from), state.get("config", {}))
     loss_fn = build_loss(cfg.loss).to(acc.device)
+    if hasattr(loss_fn, "attach"):  # a loss that needs the model (albef_md's EMA copy, a teacher's checks)
+        loss_fn.attach(model)
     seed_everything(cfg.train.seed + acc.process_index, cfg.train.deterministic)  # per-rank dropout etc.
     optimizer = build_optimizer(model, cfg.model, cfg.optim, extra=loss_fn)
     budget, per_step, total_steps = budget_and_steps(cfg, acc.num_processes)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_folder(run_dir, ckpt.estimated_size(model))  # fail now, not at the first checkpoint
+        stale = ckpt.remove_temporaries(run_dir)
+        if stale:
+            print(
+                f"note: removed {len(stale)} unfinished checkpoint write(s) of a killed run ({stale[0]}, ...)"
+            )
         save_config(cfg, run_dir / "config.yaml")
     cache, cache_note = prepare_cache(cfg, model, run_dir, acc)
     stream = make_stream(cfg, model, acc, cache)
+    if cfg.data.hard_negatives.k > 0:  # Sample4Geo passes: neighbours share a batch
+        from clipkit.data.hard_negatives import HardNegativeSampler
+
+        stream.make_loader = HardNegativeSampler(cfg.data, model, acc, cache, stream.make_loader)
     run = Run(cfg, acc, run_dir, model, loss_fn, optimizer, scheduler, stream, budget, per_step, total_steps)
     run.cache_note, run.resumed_from = cache_note, resume_from
+    run.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
     if state is not None:
         restore(run, state)
     run.model, run.optimizer = acc.prepare(model, optimizer)
     if acc.is_main_process:
         # Resuming (even from no checkpoint): rows and events past the restored step are stale.
         run.metrics = MetricsLog(run_dir, resume_step=run.step if cfg.train.resume else None)
+    acc.wait_for_everyone()  # the run folder exists on every rank
+    if cfg.train.log_sample_ids:
+        run.sample_log = SampleLog(
+            run_dir, acc.process_index, resumed_step=run.step if cfg.train.resume else None
+        )
     if state is not None:  # last, so that nothing built above consumes the restored streams
         rngs = state["rng"]
         ckpt.restore_rng(rngs[acc.process_index] if acc.process_index < len(rngs) else rngs[0])
@@ -297,16 +346,27 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def next_micro_batches(run: Run) -> list[dict[str, Any]]:
-    """This rank's micro-batches of the next step; the last step's are cut to the budget."""
+    """This rank's micro-batches of the next step; the last step's are cut to the budget.
+
+    Each carries ``"epoch"`` (the pass it came from) for the sample log.
+    """
     world, size = run.acc.num_processes, run.cfg.data.batch_size
     left = run.budget - run.samples_seen
     micro = []
     while len(micro) < run.cfg.optim.accum_steps and left > 0:
         batch = run.stream.next_batch(run.step)
         take = min(size, left // world)
-        micro.append(batch if take == size else trim(batch, take))
+        micro.append({**(batch if take == size else trim(batch, take)), "epoch": run.stream.epoch})
         left -= take * world
     return micro
+
+
+def all_ranks_agree(run: Run, flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (a collective with several ranks)."""
+    if run.acc.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=run.acc.device)
+    return bool(run.acc.reduce(t, reduction="sum").item() == run.acc.num_processes)
 
 
 def train_step(run: Run, micro: list[dict[str, Any]], with_stats: bool) -> dict[str, float]:
@@ -335,10 +395,17 @@ def train_step(run: Run, micro: list[dict[str, Any]], with_stats: bool) -> dict[
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
     grad_norm = acc.clip_grad_norm_(params, clip)
-    run.optimizer.step()
+    # A non-finite loss or gradient (on any rank) skips the update: parameters, optimizer
+    # moments and loss state stay as they were; the schedule still advances with the step.
+    finite = all_ranks_agree(run, math.isfinite(float(grad_norm)) and all(map(math.isfinite, sums.values())))
+    if finite:
+        run.optimizer.step()
+        if hasattr(run.loss_fn, "after_step"):  # e.g. albef_md's EMA update of its momentum model
+            run.loss_fn.after_step(acc.unwrap_model(model))
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     result = {**sums, "grad_norm": float(grad_norm), "logit_scale": float(out["logit_scale"].detach())}
+    result["nonfinite"] = 0.0 if finite else 1.0
     if out.get("logit_bias") is not None:
         result["logit_bias"] = float(out["logit_bias"].detach())
     if with_stats:  # geometry of the last micro-batch's embeddings
@@ -380,12 +447,13 @@ def log(run: Run, last: dict[str, float]) -> None:
         "epoch": run.stream.epoch,
         "lr": lr,
     }
-    row.update({k: v / w["steps"] for k, v in w["sums"].items()})
+    row.update({k: v / max(w["steps"], 1) for k, v in w["sums"].items()})  # finite steps only
     row.update({k: v for k, v in last.items() if k not in w["sums"]})  # scale, bias, stats
     row["samples_per_s"] = w["samples"] / max(elapsed, 1e-9)
     row["skipped_total"] = skips.total
     row["skipped"] = ";".join(f"{k}={v}" for k, v in sorted(skips.by_kind.items()))
     row["dropped_short_batches"] = dropped
+    row["nonfinite_steps"] = run.nonfinite.total
     run.metrics.write(row)
 
 
@@ -396,6 +464,8 @@ def reset_window(run: Run) -> None:
 def add_to_window(run: Run, result: dict[str, float], samples: int) -> None:
     w = run.window
     w["samples"] += samples
+    if result["nonfinite"]:
+        return  # a skipped step's NaN would hide the other steps' mean
     w["steps"] += 1
     for k, v in result.items():
         if k == "loss" or k.startswith("loss_"):
@@ -409,6 +479,8 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
     """Everything a resume needs (see ``clipkit.training.checkpoint``)."""
     model = run.acc.unwrap_model(run.model)
     rngs = gather_object([ckpt.capture_rng()]) if run.acc.num_processes > 1 else [ckpt.capture_rng()]
+    stream = run.stream.state_dict()
+    streams = gather_object([stream]) if run.acc.num_processes > 1 else [stream]
     return {
         "model": model.state_dict(),  # full: a checkpoint alone rebuilds the model
         # Trainable subset (shares storage with "model": costs no bytes in the file).
@@ -422,12 +494,22 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "skipped": dict(run.stream.skip.by_kind),
         "skip_seen": run.stream.skip.seen,
         "dropped": run.stream.dropped,
+        "nonfinite": run.nonfinite.total,
         "rng": rngs,  # one entry per rank
+        "stream": streams,  # one entry per rank: each worker's position (exact resume)
         "config": to_dict(run.cfg),
     }
 
 
 def save_checkpoint(run: Run) -> None:
+    model = run.acc.unwrap_model(run.model)
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:  # never a checkpoint that would replace the last good one with NaN weights
+        raise ClipkitError(
+            f"step {run.step}: parameters {', '.join(bad[:3])} hold NaN or inf after a finite update; "
+            f"no checkpoint written, the last good one is kept ({ckpt.latest(run.run_dir)}); lower optim.lr "
+            "or set optim.grad_clip"
+        )
     state = checkpoint_state(run)  # every rank: the RNG gather is a collective
     if run.acc.is_main_process:
         ckpt.save(run.run_dir, run.step, state, keep_last=run.cfg.train.keep_last)
@@ -438,6 +520,21 @@ def save_checkpoint(run: Run) -> None:
 # ---------------------------------------------------------------------------- the loop
 
 
+def stop_if_asked(run: Run) -> None:
+    """After a signal (on any rank): checkpoint this step, then raise ``Interrupted`` (during the
+    last step the run simply finishes)."""
+    if not all_ranks_agree(run, run.stop.signum is None) and run.samples_seen < run.budget:
+        if run.last_saved != run.step:
+            save_checkpoint(run)
+        signum = run.stop.signum or signal.SIGTERM  # a rank without the signal follows the others
+        where = ckpt.checkpoint_path(run.run_dir, run.step)
+        raise Interrupted(
+            f"stopped by {signal.Signals(signum).name} after step {run.step}; checkpoint {where}; "
+            "continue with train.resume=latest",
+            exit_code=128 + signum,
+        )
+
+
 def fit(run: Run) -> None:
     cfg = run.cfg
     bar = tqdm(
@@ -445,31 +542,45 @@ def fit(run: Run) -> None:
         disable=not run.acc.is_local_main_process,
     )  # fmt: skip
     reset_window(run)
-    while run.samples_seen < run.budget:
-        micro = next_micro_batches(run)
-        samples = sum(len(b["key"]) for b in micro) * run.acc.num_processes
-        done = run.samples_seen + samples >= run.budget
-        log_now = _every(cfg.train.log_every, run.step + 1) or done
-        result = train_step(run, micro, with_stats=log_now)
-        run.step += 1
-        run.samples_seen += samples
-        add_to_window(run, result, samples)
-        rate = run.window["samples"] / max(time.perf_counter() - run.window["t0"], 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{result['loss']:.4f}", samples_s=f"{rate:.0f}", refresh=False)
-        if log_now:
-            log(run, result)
-            reset_window(run)
-        if _every(cfg.train.checkpoint_every, run.step) and not done:
-            t0 = time.perf_counter()
-            save_checkpoint(run)
-            run.window["t0"] += time.perf_counter() - t0  # samples/s measures training, not saving
+    watchdog = Watchdog(
+        cfg.train.stall_timeout_s,
+        lambda: run.stream.waiting_since,
+        lambda: f"rank {run.acc.process_index}: {run.stream.waiting_on()}",
+    )
+    with watchdog, run.stop.installed():
+        while run.samples_seen < run.budget:
+            micro = next_micro_batches(run)
+            samples = sum(len(b["key"]) for b in micro) * run.acc.num_processes
+            done = run.samples_seen + samples >= run.budget
+            log_now = _every(cfg.train.log_every, run.step + 1) or done
+            result = train_step(run, micro, with_stats=log_now)
+            run.step += 1
+            run.samples_seen += samples
+            if run.sample_log is not None:
+                run.sample_log.write(run.step, [(b["epoch"], b["idx"].tolist()) for b in micro])
+            add_to_window(run, result, samples)
+            note = run.nonfinite.count(run.step, result, lambda: ckpt.latest(run.run_dir))
+            if note and run.acc.is_main_process:
+                print(note, file=sys.stderr, flush=True)
+            rate = run.window["samples"] / max(time.perf_counter() - run.window["t0"], 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result['loss']:.4f}", samples_s=f"{rate:.0f}", refresh=False)
+            if log_now:
+                log(run, result)
+                reset_window(run)
+            if _every(cfg.train.checkpoint_every, run.step) and not done:
+                t0 = time.perf_counter()
+                save_checkpoint(run)
+                run.window["t0"] += time.perf_counter() - t0  # samples/s measures training, not saving
+            stop_if_asked(run)
     bar.close()
 
 
 def finish(run: Run, seconds: float) -> None:
     if run.last_saved != run.step:
         save_checkpoint(run)
+    if run.sample_log is not None:
+        run.sample_log.close()
     skips, dropped = skip_totals(run)
     if not run.acc.is_main_process:
         return

@@ -157,7 +157,10 @@ def _loss_probe_inputs(n: int, d: int, loss_args: dict) -> tuple[dict, dict]:
         "logit_scale": leaf(torch.tensor(10.0)),
         "logit_bias": leaf(torch.tensor(-10.0)),
         "image_tower_features": torch.randn(n, 8, generator=g),
+        "teacher_logit_scale": torch.tensor(10.0),
     }
+    for key in ("momentum_image_emb", "momentum_text_emb", "teacher_image_emb", "teacher_text_emb"):
+        out[key] = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)  # albef_md, distill
     ids = torch.arange(n) % int(loss_args.get("num_samples", n))
     return out, {"idx": ids}
 
@@ -174,6 +177,8 @@ def probe_loss(cfg: Config) -> tuple[float, float]:
     from clipkit.losses import LOSSES
 
     args = dict(cfg.loss.args)
+    if "teacher" in args:  # distill_kl, dclip: the teacher's outputs come with the probe's inputs
+        args["teacher"] = None
     if is_tiled(cfg.loss.name):
         args["tile_size"] = PROBE_TILE
     peaks = []
@@ -358,6 +363,8 @@ def measure_step(cfg: Config, batch: int, micro_batch: int | None, device: torch
     with LiveBytes() as mem:
         model = build_model(cfg.model).to(device)
         loss_fn = build_loss(cfg.loss).to(device)
+        if hasattr(loss_fn, "attach"):  # as the training loop does (albef_md's momentum model)
+            loss_fn.attach(model)
         optimizer = build_optimizer(model, cfg.model, cfg.optim, extra=loss_fn)
         model.train()
         data = synthetic_batch(model, cfg, batch, _feature_cache_applies(cfg, model), device)

@@ -10,16 +10,27 @@ Training length is a budget of samples (``train.samples``), not a number of epoc
   budget alone: ``ceil(samples / that)``. The last step is cut to the samples left, so
   ``samples_seen == train.samples`` exactly at the end (with several ranks the budget is
   rounded up to a multiple of ``world_size``: every rank needs the same batch size).
-- Each pass is seeded with ``stream_seed(train.seed, epoch, step the pass started at)``. A
-  resumed run restarts the interrupted epoch's stream reseeded with the checkpoint's step: the
-  continuation is deterministic (same checkpoint -> same run) and reaches the same final step
-  and samples count as an uninterrupted run, though not the same sample order (exact
-  mid-epoch stream positions are not restored yet).
+- Each pass is seeded with ``stream_seed(train.seed, epoch, step the pass started at)``; the
+  shard order, each (rank, worker)'s shards and its sample shuffle follow from that seed.
+
+Exact resume. Every batch carries its worker's position after it (``"stream"``, see
+``clipkit.data.pipeline``: shard being read, samples of it consumed, the shuffle buffer's
+samples by (shard, number) and its RNG state). ``state_dict()`` keeps the last position of
+every worker of the pass, the worker whose batch comes next (batches arrive round-robin from
+the workers), the rank's shard list and the pass seed's inputs. A resumed run reopens the
+same pass with each worker continuing right after its last consumed batch (shards before
+it are not opened, samples before it in its shard are not decoded) and the round-robin
+going on with the same worker: the batches are the ones the interrupted run would have had,
+so with ``train.deterministic`` the final weights are bit-identical to an uninterrupted run.
+A checkpoint from before exact resume (no ``"stream"``) restarts the interrupted epoch's
+stream reseeded with the checkpoint's step, as earlier versions did.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -28,7 +39,8 @@ import torch
 from clipkit.data.stats import SkipStats
 from clipkit.errors import ClipkitError
 
-LoaderFactory = Callable[[int, int], Iterable[dict[str, Any]]]  # (seed, epoch) -> batches
+# (seed, epoch, resume position or None) -> batches; see clipkit.data.pipeline.build_loader.
+LoaderFactory = Callable[[int, int, "dict[str, Any] | None"], Iterable[dict[str, Any]]]
 
 
 def stream_seed(seed: int, epoch: int, start_step: int) -> int:
@@ -55,6 +67,8 @@ class TrainStream:
 
     ``all_ranks_have(bool) -> bool``: True when every rank got a batch (with one rank, the
     identity); a pass ends on all ranks together, so no rank waits in a collective alone.
+    ``waiting_since`` is the ``time.monotonic()`` at which the loop started waiting for the
+    batch it is waiting for, None when it is not waiting (the stall watchdog reads it).
     """
 
     def __init__(
@@ -75,13 +89,66 @@ class TrainStream:
         self.all_ranks_have = all_ranks_have
         self.skip = skip if skip is not None else SkipStats()
         self.dropped = 0  # samples of short batches at the end of passes
+        self.waiting_since: float | None = None
+        self.loader: Any = None
         self._it: Iterator[dict[str, Any]] | None = None
         self._full = 0  # full batches in the current pass
+        self._positions: list[dict[str, Any] | None] = []  # per worker, after its last consumed batch
+        self._next_worker = 0
+        self._resume: dict[str, Any] | None = None  # for the next pass opened (load_state_dict)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands between two batches; plain data (a checkpoint entry)."""
+        # Loaders other than build_loader's (e.g. hard-negative passes) keep no positions.
+        exact = self._it is not None and hasattr(self.loader, "resumed")
+        return {
+            "epoch": self.epoch,
+            "start_step": self.start_step,
+            "full": self._full,
+            "shards": list(self.loader.shards) if exact else [],
+            "readers": int(self.loader.readers) if exact else 0,
+            "next_worker": self._next_worker,
+            "positions": list(self._positions) if exact else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.start_step = int(state["epoch"]), int(state["start_step"])
+        self._it = None
+        if state.get("positions") is not None:
+            self._resume = {k: state[k] for k in ("shards", "readers", "next_worker", "positions")}
+            self._full = int(state["full"])
+
+    # ------------------------------------------------------------------ batches
+
+    def _open(self) -> None:
+        seed = stream_seed(self.seed, self.epoch, self.start_step)
+        resume, self._resume = self._resume, None
+        self.loader = self.make_loader(seed, self.epoch, resume)
+        if resume is not None and not hasattr(self.loader, "resumed"):
+            warnings.warn(
+                f"this pass's loader ({type(self.loader).__name__}) cannot continue a pass exactly: epoch "
+                f"{self.epoch} starts over (samples of it seen before the checkpoint are seen again)",
+                stacklevel=3,
+            )
+        if resume is not None and getattr(self.loader, "resumed", False):
+            self._positions = list(resume["positions"])
+            self._next_worker = int(resume["next_worker"])
+        else:  # a new pass (or one that cannot be continued exactly: it starts over)
+            self._positions = [None] * int(getattr(self.loader, "readers", 1))
+            self._next_worker = 0
+            self._full = 0
+        self._it = iter(self.loader)
 
     def _fetch(self) -> dict[str, Any] | None:
         assert self._it is not None
         for batch in self._it:
             self.skip.update(batch)
+            pos = batch.pop("stream", None)
+            if pos is not None and pos["worker"] < len(self._positions):
+                self._positions[pos["worker"]] = pos
+                self._next_worker = (pos["worker"] + 1) % len(self._positions)
             if len(batch["key"]) == self.batch_size:
                 return batch
             self.dropped += len(batch["key"])
@@ -89,11 +156,16 @@ class TrainStream:
 
     def next_batch(self, step: int) -> dict[str, Any]:
         """The next full batch; ``step`` (optimizer steps done) seeds a pass that has to start now."""
+        self.waiting_since = time.monotonic()
+        try:
+            return self._next_batch(step)
+        finally:
+            self.waiting_since = None
+
+    def _next_batch(self, step: int) -> dict[str, Any]:
         while True:
             if self._it is None:
-                seed = stream_seed(self.seed, self.epoch, self.start_step)
-                self._it = iter(self.make_loader(seed, self.epoch))
-                self._full = 0
+                self._open()
             batch = self._fetch()
             if self.all_ranks_have(batch is not None):
                 self._full += 1
@@ -108,3 +180,22 @@ class TrainStream:
             self.epoch += 1
             self.start_step = step
             self._it = None
+
+    def waiting_on(self) -> str:
+        """Which worker the next batch comes from and where it reads, in words (for the watchdog)."""
+        loader = self.loader
+        if loader is None or not self._positions:
+            return "the data loader is starting"
+        w, n = self._next_worker, len(self._positions)
+        who = (
+            f"loader worker {w} of {n}"
+            if n > 1 or getattr(loader, "num_workers", 0)
+            else "the loader (in this process)"
+        )
+        progress, shards = getattr(loader, "progress", None), list(getattr(loader, "shards", []))[w::n]
+        if progress is None:
+            return who
+        shard, sample = int(progress[2 * w]), int(progress[2 * w + 1])
+        if shard >= len(shards):
+            return f"{who}, which has read all its {len(shards)} shard(s)"
+        return f"{who}, reading shard '{shards[shard]}' (sample {sample})"

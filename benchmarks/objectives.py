@@ -1,0 +1,267 @@
+"""The objective zoo compared on real data: the demo's LiT setup trained once per objective and seed.
+
+    .venv/bin/python benchmarks/objectives.py                      # every row, seeds 0 1 2
+    .venv/bin/python benchmarks/objectives.py --rows clip,dcl --seeds 0 --samples 1280   # a quick look
+
+Every row trains ``train/lit_emoji.yaml`` (locked ImageNet EfficientNet-Lite0 from the feature
+cache, MiniLM with its top 2 layers trained, linear heads) on the emoji shards with the same
+data, sample budget, batch, optimizer and seed; only the objective differs (``loss.*`` and, for
+the batch-level ideas, ``data.*`` overrides). Each trained model is scored on:
+
+* zero-shot Animal-MNIST top-1 (``--zeroshot-per-class`` images of each of the 10 classes;
+  chance 0.10), prompts from the set's templates;
+* emoji retrieval R@1 / R@5 on the 392 held-out pairs (mean of text->image and image->text);
+* the modality gap ||mean image emb - mean text emb|| over those held-out pairs;
+* wall time of the training run (feature cache warm: it is built before the first row).
+
+3 seeds per row give mean +- sample std. "vs CLIP" is the difference of means in units of its
+standard error, sqrt(s_a^2/n + s_b^2/n): |z| >= 2 is a difference beyond seed noise.
+
+The distillation rows need a teacher: a CLIP model of the same architecture trained first with
+twice the budget and all MiniLM layers unlocked (seed 100; its scores are listed as well).
+Results per run go to ``--out`` as JSON, so an interrupted benchmark continues where it
+stopped; the table is written to ``benchmarks/objectives.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clipkit.config import load_config
+from clipkit.demo import RECIPE, _balanced_subset, _Listed, build_data, score
+
+# (row name, overrides, what it is). "{teacher}" and "{n}" are filled in at run time.
+ROWS: list[tuple[str, list[str], str]] = [
+    ("clip", ["loss.name=clip"], "symmetric InfoNCE (baseline)"),
+    ("clip_ls", ["loss.name=clip", "loss.args.label_smoothing=0.1"], "CLIP + label smoothing 0.1"),
+    ("siglip", ["loss.name=siglip"], "pairwise sigmoid"),
+    ("dcl", ["loss.name=dcl"], "decoupled contrastive"),
+    ("dclw", ["loss.name=dclw"], "decoupled, weighted positives"),
+    ("cwcl", ["loss.name=cwcl"], "continuously weighted (soft targets from the locked image tower)"),
+    ("clip_unif_align", ["loss.name=clip_unif_align"], "CLIP + uniformity and alignment terms"),
+    ("sogclr", ["loss.name=sogclr", "loss.args.num_samples={n}"], "moving-average denominators"),
+    ("isogclr", ["loss.name=isogclr", "loss.args.num_samples={n}"], "+ individual temperatures"),
+    (
+        "mv_infonce",
+        ["loss.name=mv_infonce", "loss.args.group_key=text"],
+        "multi-positive: colour + silhouette views",
+    ),
+    ("albef_md", ["loss.name=albef_md"], "momentum distillation (EMA soft targets)"),
+    ("albef_md_queue", ["loss.name=albef_md", "loss.args.queue_size=1024"], "+ a queue of 1,024"),
+    ("mochi", ["loss.name=mochi"], "hard negative mixing"),
+    ("m3col", ["loss.name=m3col"], "mixup contrastive"),
+    ("distill_kl", ["loss.name=distill_kl", "loss.args.teacher={teacher}"], "KL to the teacher"),
+    ("dclip", ["loss.name=dclip", "loss.args.teacher={teacher}"], "contrastive + cosine to teacher"),
+    ("text_aug", ["data.word_dropout=0.1", "data.word_shuffle=true"], "CLIP + word dropout 0.1 and shuffle"),
+    (
+        "hard_negatives",
+        ["data.hard_negatives.k=8", "data.hard_negatives.from_start=true"],
+        "CLIP on Sample4Geo batches",
+    ),
+]
+METRICS = ("zs_top1", "r1", "r5", "gap", "wall_s")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default="", help="comma list of row names (default: all)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--samples", type=int, default=6400, help="training samples per run (100 steps of 64)")
+    p.add_argument("--zeroshot-per-class", type=int, default=100)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
+    p.add_argument("--data", type=Path, default=ROOT / "data")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "objectives")
+    p.add_argument("--md", type=Path, default=ROOT / "benchmarks" / "objectives.md")
+    p.add_argument("--list", action="store_true", help="print the rows and exit")
+    return p.parse_args(argv)
+
+
+def common_overrides(args: argparse.Namespace, emoji: Path, seed: int, name: str) -> list[str]:
+    return [
+        f"data.train={emoji / 'train'}",
+        f"data.val={emoji / 'val'}",
+        f"train.samples={args.samples}",
+        f"train.seed={seed}",
+        f"train.output_dir={args.out}",
+        f"train.run_name={name}",
+        "train.checkpoint_every=0",
+        "optim.warmup_steps=10",
+        f"train.threads={args.threads}",
+    ]
+
+
+def run_key(overrides: list[str]) -> str:
+    """Short hash of the run's overrides (the thread count included: wall time depends on it)."""
+    return hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:10]
+
+
+def gap_of(model: torch.nn.Module, retrieval: object) -> float:
+    """Modality gap over the held-out pairs (first caption of each image)."""
+    from clipkit.losses.stats import modality_gap
+
+    samples = list(retrieval)
+    feats = torch.stack([s["image"] for s in samples])
+    captions = [s["captions"][0] for s in samples]
+    with torch.inference_mode():
+        img = model.encode_image(image_features=feats)
+        txt = torch.cat(
+            [model.encode_text(model.tokenize(captions[i : i + 128])) for i in range(0, len(captions), 128)]
+        )
+    return float(modality_gap(img, txt))
+
+
+def train_and_score(overrides: list[str], out_json: Path, feats: tuple, keep: bool = False) -> dict:
+    """Train one run (or read its earlier result) and score it."""
+    from clipkit.training.load import load_trained
+    from clipkit.training.loop import train
+
+    if out_json.is_file():
+        return json.loads(out_json.read_text())
+    cfg = load_config(RECIPE, overrides)
+    t0 = time.perf_counter()
+    run_dir = train(cfg)
+    wall = time.perf_counter() - t0
+    model, _, _ = load_trained(run_dir)
+    zs, rt = feats
+    m = score(model, zs, rt, 128)
+    r = m["retrieval"]
+    result = {
+        "zs_top1": m["zeroshot"]["acc1"],
+        "r1": (r["image_retrieval_recall@1"] + r["text_retrieval_recall@1"]) / 2,
+        "r5": (r["image_retrieval_recall@5"] + r["text_retrieval_recall@5"]) / 2,
+        "gap": gap_of(model, rt),
+        "wall_s": wall,
+        "run_dir": str(run_dir),
+        "overrides": overrides,
+    }
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=1))
+    if not keep:  # checkpoints are ~140 MB each; the scores are what this benchmark keeps
+        shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
+    return result
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def z_vs(a: list[float], b: list[float]) -> float:
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    return (ma - mb) / se if se > 0 else math.copysign(math.inf, ma - mb) if ma != mb else 0.0
+
+
+def table(results: dict[str, list[dict]], info: dict[str, str]) -> str:
+    head = "| objective | what | zero-shot top-1 | retrieval R@1 | retrieval R@5 | modality gap | wall s | top-1 vs CLIP | R@1 vs CLIP |"
+    lines = [head, "|" + "---|" * 9]
+    base = results.get("clip")
+    for name, runs in results.items():
+        cells = []
+        for m in METRICS:
+            mu, sd = mean_std([r[m] for r in runs])
+            cells.append(f"{mu:.1f} ± {sd:.1f}" if m == "wall_s" else f"{mu:.3f} ± {sd:.3f}")
+        vs = []
+        for m in ("zs_top1", "r1"):
+            if base is None or name == "clip":
+                vs.append("-")
+                continue
+            a, b = [r[m] for r in runs], [r[m] for r in base]
+            vs.append(f"{statistics.fmean(a) - statistics.fmean(b):+.3f} (z {z_vs(a, b):+.1f})")
+        lines.append(f"| {name} | {info.get(name, '')} | " + " | ".join(cells + vs) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for name, ov, what in ROWS:
+            print(f"{name:16s} {what}: {' '.join(ov)}")
+        return 0
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()] or [r[0] for r in ROWS]
+    unknown = set(wanted) - {r[0] for r in ROWS}
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; --list shows them")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from clipkit.evaluation.cached import tower_feature_dataset
+    from clipkit.evaluation.datasets import ClipBenchmarkWds
+    from clipkit.models import build_model
+    from clipkit.training.feature_cache import build_feature_cache
+
+    emoji, animal_dir = build_data(args.data)
+    base_cfg = load_config(RECIPE, common_overrides(args, emoji, 0, "probe"))
+    n_train = sum(json.loads((emoji / "train" / "sizes.json").read_text()).values())
+    tower_model = build_model(base_cfg.model)
+    print(build_feature_cache(tower_model, base_cfg.data, base_cfg.data.train, args.out)[1], flush=True)
+    animals = ClipBenchmarkWds(animal_dir)
+    animals = _Listed(_balanced_subset(animals, args.zeroshot_per_class), animals)
+    feats = (
+        tower_feature_dataset(tower_model, animals, 128, "Animal-MNIST"),
+        tower_feature_dataset(tower_model, ClipBenchmarkWds(emoji, split="val"), 128, "emoji val"),
+    )
+    del tower_model
+
+    teacher = ""
+    if any("{teacher}" in " ".join(ov) for name, ov, _ in ROWS if name in wanted):
+        t_ov = common_overrides(args, emoji, 100, "teacher")
+        t_ov += [f"train.samples={2 * args.samples}", "model.text.unlocked_layers=7", "loss.name=clip"]
+        t_json = args.out / f"teacher-{run_key(t_ov)}.json"
+        t_res = train_and_score(t_ov, t_json, feats, keep=True)
+        teacher = t_res["run_dir"]
+        print(
+            f"[objectives] teacher {teacher}: top-1 {t_res['zs_top1']:.3f}, R@1 {t_res['r1']:.3f}", flush=True
+        )
+
+    results: dict[str, list[dict]] = {}
+    info = {name: what for name, _, what in ROWS}
+    t_all = time.perf_counter()
+    for name, row_ov, _ in ROWS:
+        if name not in wanted:
+            continue
+        for seed in seeds:
+            ov = common_overrides(args, emoji, seed, f"{name}-s{seed}")
+            ov += [o.replace("{teacher}", teacher).replace("{n}", str(n_train)) for o in row_ov]
+            res = train_and_score(ov, args.out / f"{name}-s{seed}-{run_key(ov)}.json", feats)
+            results.setdefault(name, []).append(res)
+            print(
+                f"[objectives] {name} seed {seed}: top-1 {res['zs_top1']:.3f} R@1 {res['r1']:.3f} "
+                f"R@5 {res['r5']:.3f} gap {res['gap']:.3f} ({res['wall_s']:.0f} s)",
+                flush=True,
+            )
+    text = table(results, info)
+    cmd = " ".join(["python", "benchmarks/objectives.py", *(argv if argv is not None else sys.argv[1:])])
+    doc = (
+        "# Objectives on the demo LiT setup\n\n"
+        f"`{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {time.perf_counter() - t_all:.0f} s of training and scoring; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads)\n\n"
+        f"Each run: `train/lit_emoji.yaml`, {args.samples} samples (batch 64), warmup 10 steps, seeds "
+        f"{', '.join(map(str, seeds))}; zero-shot on {len(feats[0])} Animal-MNIST images (chance 0.10), "
+        f"retrieval and modality gap on {len(feats[1])} held-out emoji pairs. Mean ± sample std over seeds; "
+        "z = difference of means / its standard error (|z| >= 2: beyond seed noise).\n"
+        + (f"Teacher for the distillation rows: {teacher}.\n" if teacher else "")
+        + "\n"
+        + text
+        + "\n"
+    )
+    args.md.write_text(doc)
+    print("\n" + doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

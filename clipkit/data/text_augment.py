@@ -1,0 +1,49 @@
+"""Caption augmentation for training: word dropout and word shuffle.
+
+Fini et al., 2023, "Improved baselines for vision-language pre-training" augment the text side
+too: each word is dropped with probability ``p`` and/or the words are put in a random order,
+before tokenization (``data.word_dropout``, ``data.word_shuffle``; label smoothing, the recipe's
+other text-side part, is ``loss.args.label_smoothing`` of ``clip``). Words are whitespace
+separated; a caption never loses its last word. The draws of a sample come from
+``(seed, epoch, key)`` alone, so a caption's augmentation does not depend on the loader
+worker, the shuffle or what was read before it (a resumed stream gives the same captions).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from clipkit.config import DataConfig
+
+
+def check_options(word_dropout: float) -> None:
+    if not 0.0 <= word_dropout < 1.0:
+        raise ValueError(f"data.word_dropout must be in [0, 1), got {word_dropout}")
+
+
+def augment_caption(caption: str, word_dropout: float, word_shuffle: bool, rng: random.Random) -> str:
+    """``caption`` with each word dropped with probability ``word_dropout`` (at least one kept),
+    then, if ``word_shuffle``, its words in a random order; words re-joined by single spaces."""
+    words = caption.split()
+    if word_dropout > 0 and len(words) > 1:
+        kept = [w for w in words if rng.random() >= word_dropout]
+        words = kept or [words[rng.randrange(len(words))]]
+    if word_shuffle:
+        rng.shuffle(words)
+    return " ".join(words)
+
+
+def augment_captions(samples: Sequence[dict[str, Any]], cfg: DataConfig, seed: int, epoch: int) -> list[str]:
+    """The captions of ``samples`` (dicts with "caption" and "key"), augmented per ``cfg``."""
+    captions = [s["caption"] for s in samples]
+    if not cfg.word_dropout and not cfg.word_shuffle:
+        return captions
+    check_options(cfg.word_dropout)
+    return [
+        augment_caption(
+            c, cfg.word_dropout, cfg.word_shuffle, random.Random(f"{seed}:{epoch}:{s['key']}:text")
+        )
+        for c, s in zip(captions, samples)
+    ]

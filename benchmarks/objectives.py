@@ -47,7 +47,11 @@ from clipkit.demo import RECIPE, _balanced_subset, _Listed, build_data, score
 ROWS: list[tuple[str, list[str], str]] = [
     ("clip", ["loss.name=clip"], "symmetric InfoNCE (baseline)"),
     ("clip_ls", ["loss.name=clip", "loss.args.label_smoothing=0.1"], "CLIP + label smoothing 0.1"),
-    ("siglip", ["loss.name=siglip"], "pairwise sigmoid"),
+    (
+        "siglip",
+        ["loss.name=siglip", "model.init_logit_scale=2.302585", "model.init_logit_bias=-10.0"],
+        "pairwise sigmoid (t'=log 10, b=-10)",
+    ),
     ("dcl", ["loss.name=dcl"], "decoupled contrastive"),
     ("dclw", ["loss.name=dclw"], "decoupled, weighted positives"),
     ("cwcl", ["loss.name=cwcl"], "continuously weighted (soft targets from the locked image tower)"),
@@ -230,13 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     info = {name: what for name, _, what in ROWS}
     t_all = time.perf_counter()
+    failed: list[str] = []
     for name, row_ov, _ in ROWS:
         if name not in wanted:
             continue
         for seed in seeds:
             ov = common_overrides(args, emoji, seed, f"{name}-s{seed}")
             ov += [o.replace("{teacher}", teacher).replace("{n}", str(n_train)) for o in row_ov]
-            res = train_and_score(ov, args.out / f"{name}-s{seed}-{run_key(ov)}.json", feats)
+            try:
+                res = train_and_score(ov, args.out / f"{name}-s{seed}-{run_key(ov)}.json", feats)
+            except Exception as err:  # noqa: BLE001  (one broken row must not cost the others)
+                failed.append(f"{name} seed {seed}: {type(err).__name__}: {err}")
+                print(f"[objectives] FAILED {failed[-1]}", flush=True)
+                continue
             results.setdefault(name, []).append(res)
             print(
                 f"[objectives] {name} seed {seed}: top-1 {res['zs_top1']:.3f} R@1 {res['r1']:.3f} "
@@ -257,10 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
         + text
         + "\n"
+        + ("\nFailed runs:\n" + "".join(f"- {f}\n" for f in failed) if failed else "")
     )
     args.md.write_text(doc)
     print("\n" + doc)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

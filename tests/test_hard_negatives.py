@@ -44,12 +44,7 @@ def write_idx_shards(folder: Path, n_shards: int = 4, per_shard: int = 8, seed: 
     return str(folder / f"train-{{000000..{n_shards - 1:06d}}}.tar"), truth
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- idx -> (shard, offset)

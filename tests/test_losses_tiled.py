@@ -53,13 +53,7 @@ def assert_same(got: list, want: list, rtol: float, atol: float, what: str) -> N
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{what} {n}: {m}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (on a busy machine, a lot)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-13)}

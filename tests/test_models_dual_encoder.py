@@ -17,12 +17,7 @@ TINY = TowerConfig(name="open_clip:clipkit-tiny-ViT", image_size=32, context_len
 TINY_MODEL = ModelConfig(vision=TINY, text=TINY, embed_dim=32, projection="linear")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(model, n: int = 3) -> dict:

@@ -18,13 +18,7 @@ skimage_data = pytest.importorskip("skimage.data")
 BUNDLED = TowerConfig(name="timm:tf_efficientnet_lite0", weights="bundled")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CI box is 2 shared cores; intra-op threads only add contention for these small batches.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ from clipkit.training.sample_log import read_sample_log, sample_log_path
 SAMPLES = 96  # 12 steps of 8; 4 shards x 12 samples = 6 steps per epoch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,7 @@ HERE = Path(__file__).parent
 SAMPLES, STEPS = 100, 13
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core machine, 2 OpenMP threads that wait on each other make tiny steps
-    # 20x slower; one thread keeps these runs fast and bit-reproducible.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

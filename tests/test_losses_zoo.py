@@ -147,6 +147,15 @@ def test_cwcl_matches_loops(side):
     check(LOSSES.build("cwcl", targets_from=side)(out), ref_cwcl(out, u), out)
 
 
+def test_cwcl_centered_matches_loops_on_centered_features():
+    out = rand_out(seed=7)
+    u = torch.rand(6, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64) + 1.0  # all > 0
+    centered = u - sum(u[i] for i in range(6)) / 6
+    check(LOSSES.build("cwcl", center=True)(out, {"image_features": u}), ref_cwcl(out, centered), out)
+    plain = LOSSES.build("cwcl")(out, {"image_features": u})["loss"]
+    assert not torch.allclose(plain, LOSSES.build("cwcl", center=True)(out, {"image_features": u})["loss"])
+
+
 def test_cwcl_hand_example():
     # Tower features (1,0), (0,1), (1,0): w = cos/2 + 1/2 = [[1,.5,1],[.5,1,.5],[1,.5,1]], targets = rows / sums.
     # log softmax of S rows: row 0 [1,0,0] -> lse log(e + 2) = 1.5514448; rows 1, 2 -> lse log(1 + e^.6 + e^.8)

@@ -31,13 +31,20 @@ class CwclLoss(nn.Module):
     when absent, ``batch["image_features"]``, the feature cache's outputs of that tower,
     is used) or ``out["text_tower_features"]`` (``targets_from="text"``).
     Tiled (memory O(N (D + F))): ``cwcl_tiled``.
+
+    ``center=True`` (not in the paper; off by default) subtracts the global batch's mean
+    feature before the cosine. Pooled features after a ReLU-family activation (CNN trunks
+    such as EfficientNet) are all non-negative, so any two images have cos ~0.8 and every
+    ``w_ij`` sits near 0.9: the targets are nearly uniform and the loss pulls every pair
+    together (on the demo's LiT setup retrieval R@1 fell to ~0.005). Centring restores the
+    spread the formula assumes.
     """
 
-    def __init__(self, targets_from: str = "image"):
+    def __init__(self, targets_from: str = "image", center: bool = False):
         super().__init__()
         if targets_from not in ("image", "text"):
             raise ValueError(f"loss 'cwcl': targets_from must be 'image' or 'text', got {targets_from!r}")
-        self.targets_from = targets_from
+        self.targets_from, self.center = targets_from, center
 
     def tower_features(self, out: dict[str, Any], batch: dict[str, Any] | None) -> torch.Tensor:
         key = f"{self.targets_from}_tower_features"
@@ -62,7 +69,10 @@ class CwclLoss(nn.Module):
                 f"loss 'cwcl': tower features {tuple(feats.shape)} must be (B={img.shape[0]}, F)"
             )
         all_img, all_txt = gather_features(upcast(img), upcast(txt))  # (N, D)
-        u = F.normalize(all_gather_cat(feats, with_grad=False).to(all_img.dtype), dim=-1)  # (N, F)
+        u = all_gather_cat(feats, with_grad=False).to(all_img.dtype)  # (N, F)
+        if self.center:
+            u = u - u.mean(dim=0, keepdim=True)
+        u = F.normalize(u, dim=-1)
         w = u @ u.T / 2 + 0.5  # (N, N) intra-modal similarity of the locked tower, in [0, 1]
         targets = w / w.sum(dim=1, keepdim=True)
         logits = scale * all_img @ all_txt.T  # (N, N)

@@ -16,7 +16,9 @@ DEBS := chromium openclipart-png openclipart-svg
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@# A Debian python3 without ensurepip needs python3-venv before it can make a venv.
+	@test -x $(PY) || python3 -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
+	  $(MAKE) --no-print-directory debs DEBS=python3-venv && python3 -m venv $(VENV); }
 	$(PY) -m pip install -q -e ".[test]"
 	# animal-mnist pins heavy, unused dependencies: its data is all we read.
 	$(PY) -m pip install -q --no-deps animal-mnist

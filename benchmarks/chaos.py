@@ -49,7 +49,7 @@ from PIL import Image
 
 from clipkit.data import ShardWriter
 from clipkit.training import checkpoint as ckpt
-from clipkit.training.sample_log import read_sample_log, sample_log_path
+from clipkit.training.sample_log import last_step_since_resume, read_sample_log, sample_log_path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -115,14 +115,7 @@ class Trainer:
 
 
 def steps_of_this_process(run_dir: Path) -> int:
-    """Highest step logged since the last resume mark (the running process's progress)."""
-    path = sample_log_path(run_dir)
-    if not path.is_file():
-        return 0
-    lines = path.read_text().split("\n")
-    marks = [i for i, line in enumerate(lines) if line.startswith("#")]
-    lines = lines[marks[-1] + 1 :] if marks else lines
-    return max((int(line.split(" ", 1)[0]) for line in lines if line.endswith(" $")), default=0)
+    return last_step_since_resume(sample_log_path(run_dir))
 
 
 def complete_checkpoints(run_dir: Path) -> dict[str, str]:
@@ -137,17 +130,6 @@ def complete_checkpoints(run_dir: Path) -> dict[str, str]:
     return out
 
 
-def writing_checkpoint(run_dir: Path) -> bool:
-    folder = ckpt.checkpoint_dir(run_dir)
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return False
-    if any(n.endswith(".tmp") for n in names):
-        return True
-    return any(n.endswith(".pt") and n[:-3] + ".json" not in names for n in names)
-
-
 def wait_and_kill(proc: subprocess.Popen, run_dir: Path, step: int | None, deadline: float) -> str:
     """SIGKILL ``proc`` once it logged ``step`` (None: once a checkpoint write is seen)."""
     while True:
@@ -158,7 +140,7 @@ def wait_and_kill(proc: subprocess.Popen, run_dir: Path, step: int | None, deadl
             proc.wait()
             return "timeout"
         # (a killed run's stale temporary files are removed before this process's first step)
-        if step is None and steps_of_this_process(run_dir) >= 1 and writing_checkpoint(run_dir):
+        if step is None and steps_of_this_process(run_dir) >= 1 and ckpt.write_in_progress(run_dir):
             break
         if step is not None and steps_of_this_process(run_dir) >= step:
             break

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clipkit.config import load_config
-from clipkit.demo import RECIPE, _balanced_subset, _Listed, build_data, score
+from clipkit.demo import RECIPE, Listed, balanced_subset, build_data, score
 
 # (row name, overrides, what it is). "{teacher}" and "{n}" are filled in at run time.
 ROWS: list[tuple[str, list[str], str]] = [
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     tower_model = build_model(base_cfg.model)
     print(build_feature_cache(tower_model, base_cfg.data, base_cfg.data.train, args.out)[1], flush=True)
     animals = ClipBenchmarkWds(animal_dir)
-    animals = _Listed(_balanced_subset(animals, args.zeroshot_per_class), animals)
+    animals = Listed(balanced_subset(animals, args.zeroshot_per_class), animals)
     feats = (
         tower_feature_dataset(tower_model, animals, 128, "Animal-MNIST"),
         tower_feature_dataset(tower_model, ClipBenchmarkWds(emoji, split="val"), 128, "emoji val"),

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "train" / "lit_emoji.yaml"
 
 
-def _balanced_subset(dataset: Any, per_class: int) -> list[dict[str, Any]]:
+def balanced_subset(dataset: Any, per_class: int) -> list[dict[str, Any]]:
     """The first ``per_class`` samples of each label, in dataset order (0 = all)."""
     seen: dict[int, int] = {}
     out = []
@@ -36,7 +36,7 @@ def _balanced_subset(dataset: Any, per_class: int) -> list[dict[str, Any]]:
     return out
 
 
-class _Listed:
+class Listed:
     """A list of decoded samples that keeps the source dataset's metadata."""
 
     def __init__(self, samples: list[dict[str, Any]], source: Any):
@@ -125,7 +125,7 @@ def run_demo(overrides: list[str], data_root: Path, zeroshot_per_class: int) -> 
 
     print("[2/4] scoring the untrained model (locked image tower runs once per eval image)", flush=True)
     animals = ClipBenchmarkWds(animal_dir)
-    animals = _Listed(_balanced_subset(animals, zeroshot_per_class), animals)
+    animals = Listed(balanced_subset(animals, zeroshot_per_class), animals)
     emoji_val = ClipBenchmarkWds(emoji_dir, split="val")
     precision = cfg.train.feature_cache_precision  # the eval images go through the tower as the train ones do
     zs_feats = tower_feature_dataset(untrained, animals, cfg.eval.batch_size, "Animal-MNIST", precision)

@@ -8,7 +8,6 @@ torch (a fresh interpreter takes ~6 s to import them; a fork takes milliseconds)
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import random
 import time
 import warnings
@@ -19,7 +18,7 @@ import torch
 from training_helpers import run_training, tiny_tree, write_shards
 
 from clipkit.training import checkpoint as ckpt
-from clipkit.training.sample_log import read_sample_log, sample_log_path
+from clipkit.training.sample_log import last_step_since_resume, read_sample_log, sample_log_path
 
 N_SHARDS, PER_SHARD, BATCH = 4, 16, 8  # 64 samples per epoch; 2 workers read 32 each
 SAMPLES = 200  # 3 epochs + 8 samples
@@ -61,25 +60,6 @@ def start(ctx, cfg_tree: dict, delay: float = 0.0):
     proc = ctx.Process(target=run_training, args=(cfg_tree, delay))
     proc.start()
     return proc
-
-
-def last_step_of_this_run(run_dir: Path) -> int:
-    """Highest step the running process has logged (lines after the last resume mark)."""
-    path = sample_log_path(run_dir)
-    if not path.is_file():
-        return 0
-    lines = path.read_text().split("\n")
-    marks = [i for i, line in enumerate(lines) if line.startswith("#")]
-    tail = lines[marks[-1] + 1 :] if marks else lines
-    steps = [int(line.split(" ", 1)[0]) for line in tail if line.endswith(" $")]
-    return max(steps, default=0)
-
-
-def writing_checkpoint(run_dir: Path) -> bool:
-    """A checkpoint is being written: a temporary file, or a .pt whose sidecar is not there yet."""
-    folder = ckpt.checkpoint_dir(run_dir)
-    names = set(os.listdir(folder)) if folder.is_dir() else set()
-    return any(n.endswith(".tmp") or (n.endswith(".pt") and n[:-3] + ".json" not in names) for n in names)
 
 
 def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -135,7 +115,9 @@ def test_sigkill_at_random_steps_resumes_bit_identical(shards, forkserver, tmp_p
     for target in targets:
         deadline = time.time() + 60
         while not (
-            writing_checkpoint(run_dir) if target is None else last_step_of_this_run(run_dir) >= target
+            ckpt.write_in_progress(run_dir)
+            if target is None
+            else last_step_since_resume(sample_log_path(run_dir)) >= target
         ):
             assert proc.exitcode is None, f"run ended (exit {proc.exitcode}) before the kill at {target}"
             assert time.time() < deadline, f"kill point {target} not reached in 60 s"

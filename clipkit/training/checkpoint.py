@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import pickle
 import random
 import re
@@ -171,6 +172,15 @@ def remove_temporaries(run_dir: str | Path) -> list[str]:
     for path in stale:
         path.unlink(missing_ok=True)
     return [p.name for p in stale]
+
+
+def write_in_progress(run_dir: str | Path) -> bool:
+    """A checkpoint is being written right now: a temporary file, or a ``.pt`` without its sidecar."""
+    try:
+        names = set(os.listdir(checkpoint_dir(run_dir)))
+    except FileNotFoundError:
+        return False
+    return any(n.endswith(".tmp") or (n.endswith(".pt") and n[:-3] + ".json" not in names) for n in names)
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:

@@ -71,3 +71,14 @@ def read_sample_log(path: str | Path) -> dict[int, list[tuple[int, list[int]]]]:
         except ValueError:
             continue
     return out
+
+
+def last_step_since_resume(path: str | Path) -> int:
+    """Highest step logged after the last resume mark: the running process's progress (0: none)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().split("\n")
+    marks = [i for i, line in enumerate(lines) if line.startswith("#")]
+    tail = lines[marks[-1] + 1 :] if marks else lines
+    return max((int(line.split(" ", 1)[0]) for line in tail if line.endswith(" $")), default=0)

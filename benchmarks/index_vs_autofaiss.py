@@ -42,8 +42,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clipkit.index.build import exact_knn, per_query_recall, set_search_params
+from clipkit.index.build import exact_knn, per_query_recall
 from clipkit.index.choose import format_bytes
+from clipkit.index.families import set_search_params
 from clipkit.index.store import EmbeddingSet, finish, part_name, write_part
 
 AUTOFAISS_PY = ROOT / ".venv-autofaiss" / "bin" / "python"

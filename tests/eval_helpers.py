@@ -133,7 +133,7 @@ def manifest(root: Path, retrieval: bool = False, n: int = 12) -> Path:
 def tiny_open_clip_weights(path: Path, seed: int = 0, config: str = "clipkit-tiny-ViT") -> Path:
     import open_clip
 
-    from clipkit.evaluation.models import CLIPKIT_CONFIGS
+    from clipkit.models.specs import CLIPKIT_CONFIGS
 
     open_clip.add_model_config(CLIPKIT_CONFIGS)
     torch.manual_seed(seed)

@@ -13,9 +13,10 @@ from PIL import Image
 
 from clipkit.cli.main import main as cli
 from clipkit.data.captions import CaptionRules
-from clipkit.data.filters import FilterOptions, SimilarityScorer, filter_shards
+from clipkit.data.filters import FilterOptions, filter_shards
 from clipkit.data.shards import ShardWriter, read_sizes
 from clipkit.data.tario import iter_samples
+from clipkit.models.embed import SimilarityScorer
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
 

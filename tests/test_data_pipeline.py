@@ -16,7 +16,8 @@ from PIL import Image
 
 from clipkit.config import DataConfig
 from clipkit.data import DataError, ShardSpecError, ShardWriter, SkipStats, build_loader, expand_urls
-from clipkit.data.pipeline import draft_size_of, shuffle_buffer
+from clipkit.data.pipeline import draft_size_of
+from clipkit.data.shuffle import shuffle_buffer
 from clipkit.data.urls import dataset_size
 
 L = 6  # token length of the test tokenizer

@@ -10,8 +10,8 @@ from PIL import Image
 
 from clipkit.cli.main import main
 from clipkit.config import load_config, to_dict
-from clipkit.evaluation.export import ExportError, export_open_clip
 from clipkit.models import build_model
+from clipkit.models.export import ExportError, export_open_clip
 from clipkit.training import checkpoint as ckpt
 
 open_clip = pytest.importorskip("open_clip")

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clipkit.config import load_config, to_dict
-from clipkit.evaluation.models import ModelSpecError, load_eval_model, safe_name
 from clipkit.evaluation.zeroshot import build_classifier
 from clipkit.models import build_model
+from clipkit.models.specs import ModelSpecError, safe_name
+from clipkit.models.specs import load_model as load_eval_model
 from clipkit.training import checkpoint as ckpt
 
 open_clip = pytest.importorskip("open_clip")
@@ -80,7 +81,7 @@ def test_open_clip_spec_equals_open_clip(tiny_weights):
 
 
 def test_open_clip_config_file_and_fingerprint(tmp_path, tiny_weights):
-    from clipkit.evaluation.models import CLIPKIT_CONFIGS
+    from clipkit.models.specs import CLIPKIT_CONFIGS
 
     cfg = tmp_path / "my-tiny.json"
     cfg.write_text((CLIPKIT_CONFIGS / "clipkit-tiny-ViT.json").read_text())
@@ -216,7 +217,8 @@ def test_cached_tower_features_score_like_images(tmp_path):
     from eval_helpers import wds_classification, wds_retrieval
 
     from clipkit.evaluation import evaluate_retrieval, evaluate_zeroshot, open_dataset
-    from clipkit.evaluation.cached import ProjectedModel, tower_feature_dataset
+    from clipkit.evaluation.cached import tower_feature_dataset
+    from clipkit.models.embed import ProjectedModel
 
     run, _, _ = tiny_run(tmp_path)
     model = load_eval_model(str(run))

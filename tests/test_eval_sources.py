@@ -21,8 +21,8 @@ from PIL import Image
 
 from clipkit.data.shards import ShardWriter
 from clipkit.evaluation.dataspec import open_dataset, split_spec
-from clipkit.evaluation.embed import split_transform
 from clipkit.evaluation.source import EvalDataError, KeyFilter
+from clipkit.models.embed import split_transform
 
 
 def pixels(sample) -> tuple[int, int, int]:

@@ -12,7 +12,8 @@ import pytest
 from index_helpers import clustered, write_vectors
 
 from clipkit.index import choose
-from clipkit.index.build import BuildError, _new_index, build_index, per_query_recall, set_search_params
+from clipkit.index.build import BuildError, _new_index, build_index, per_query_recall
+from clipkit.index.families import set_search_params
 from clipkit.index.merge import MergeError, merge_indexes
 from clipkit.index.search import SearchIndex, SearchIndexError, UnknownKeyError
 from clipkit.index.store import EmbeddingsError, EmbeddingSet

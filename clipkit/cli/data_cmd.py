@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from clipkit.errors import ClipkitError
 
-BUILDERS = {
-    "emoji": "data_tools.build_emoji",
-    "animal-mnist": "data_tools.build_animal_mnist",
-    "openclipart": "data_tools.build_openclipart",
-}
 # Build options; None means "not given" (bundled builders refuse them), else the default.
 BUILD_DEFAULTS = {
     "image_col": None, "caption_col": None, "root": None, "split": None, "caption_ext": "txt",
@@ -48,7 +44,9 @@ def _add_build(dsub: argparse._SubParsersAction) -> None:
         "build", help="write shards from a folder, manifest, caption JSON, URL list or bundled source"
     )
     b.add_argument(
-        "source", help=f"a folder, manifest, Karpathy caption JSON, URL list, or {', '.join(BUILDERS)}"
+        "source",
+        help="a folder, manifest, Karpathy caption JSON, URL list, or the name of a bundled source "
+        "(emoji, animal-mnist, openclipart, ...; data_tools/build_<name>.py)",
     )
     b.add_argument("--out", required=True, help="output folder")
     s = b.add_argument_group("source")
@@ -159,18 +157,33 @@ def _print_shard(info: dict) -> None:
           f"{'; dropped: ' + errors if errors else ''}{done}", file=sys.stderr, flush=True)  # fmt: skip
 
 
-def run_build(args: argparse.Namespace) -> int:
-    import importlib
+def _run_bundled(args: argparse.Namespace) -> int:
+    """``clipkit data build NAME --out DIR``: the builder registered as NAME in data_tools/."""
+    import data_tools
+    from clipkit.data.builders import BUILDERS
+    from clipkit.registry import UnknownNameError
 
-    if args.source in BUILDERS and not Path(args.source).exists():
-        given = [k for k in BUILD_DEFAULTS if getattr(args, k) is not None]
-        if given:
-            raise ClipkitError(
-                f"bundled source '{args.source}' takes only --out, not --{given[0].replace('_', '-')}"
-            )
-        counts = importlib.import_module(BUILDERS[args.source]).build(args.out)
-        print(json.dumps({"source": args.source, "out": args.out, "counts": counts}, indent=2))
-        return 0
+    data_tools.load_builders()
+    try:
+        build = BUILDERS.get(args.source)
+    except UnknownNameError as e:
+        raise ClipkitError(
+            f"source '{args.source}' is not a folder, a file or a bundled source: {e}"
+        ) from None
+    given = [k for k in BUILD_DEFAULTS if getattr(args, k) is not None]
+    if given:
+        raise ClipkitError(
+            f"bundled source '{args.source}' takes only --out, not --{given[0].replace('_', '-')}"
+        )
+    counts = build(args.out)
+    print(json.dumps({"source": args.source, "out": args.out, "counts": counts}, indent=2))
+    return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    # A bare name that is no path (no folder part, no suffix) names a bundled source.
+    if not Path(args.source).exists() and re.fullmatch(r"[A-Za-z0-9][\w-]*", args.source):
+        return _run_bundled(args)
     from clipkit.data.build import build_shards
     from clipkit.data.sources import open_source
 
@@ -224,14 +237,14 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_filter(args: argparse.Namespace) -> int:
-    from clipkit.data.filters import FilterOptions, SimilarityScorer, filter_shards
+    from clipkit.data.filters import FilterOptions, filter_shards
 
     scorer = None
     if args.model:
-        from clipkit.index.model import load_model
+        from clipkit.models.embed import SimilarityScorer
+        from clipkit.models.specs import load_model
 
-        model, _ = load_model(args.model)
-        scorer = SimilarityScorer(model, args.batch_size, args.device)
+        scorer = SimilarityScorer(load_model(args.model), args.batch_size, args.device)
     elif args.min_similarity is not None or args.top_fraction is not None:
         raise ClipkitError("--min-similarity / --top-fraction need --model")
     try:

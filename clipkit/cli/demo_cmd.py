@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipkit.demo import run_demo
+    from clipkit.cli.demo import run_demo
 
     run_demo(args.overrides, Path(args.data), args.zeroshot_per_class)
     return 0

@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="zero-shot classification, retrieval and linear probes of any dual encoder",
         description="Models: a clipkit run folder or checkpoint, open_clip:<config>[@<weights file>] "
-        "(config: name, JSON file or local-dir:<dir>), hf-clip:<local HF CLIP/SigLIP folder>. "
+        "(config: name, JSON file or local-dir:<dir>), hf-clip:<local HF CLIP/SigLIP folder>, a recipe "
+        ".yaml (projections untrained) or package.module:function (clipkit.models.specs). "
         "Datasets: [wds:|shards:|folder:|manifest:]PATH[:SPLIT]: a CLIP_benchmark webdataset folder, "
         "clipkit shards, a folder of class folders, or a CSV/parquet manifest. "
         "Suites: YAML files in eval/. Writes <output>/<model>/<dataset>_<task>.json (CLIP_benchmark "

@@ -76,7 +76,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
     default = "" if required else " (default: the model recorded in the index)"
     p.add_argument(
-        "--model", required=required, help="run folder, checkpoint, recipe or module:function" + default
+        "--model",
+        required=required,
+        help="run folder, checkpoint, open_clip:<config>[@<weights>], hf-clip:<dir>, recipe .yaml or "
+        "module:function" + default,
     )
     p.add_argument("--override", action="append", default=[], help="model config key=value (repeatable)")
 
@@ -85,9 +88,9 @@ def run_embed(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from clipkit.index.embed import embed_collection
-    from clipkit.index.model import load_model
     from clipkit.index.sources import open_source
     from clipkit.index.store import finish
+    from clipkit.models.specs import load_model
 
     source = open_source(
         shards=args.shards,
@@ -98,13 +101,12 @@ def run_embed(args: argparse.Namespace) -> int:
         image_keys=args.image_keys,
     )
     state = PartialState()  # rank / world size from torchrun or accelerate launch
-    model, name = load_model(args.model, args.override)
-    model.to(state.device)
+    model = load_model(args.model, args.override, state.device)
     config, parts = embed_collection(
         model,
         source,
         args.out,
-        model_name=name,
+        model_name=model.resolved,
         model_overrides=args.override,
         modality=args.modality,
         batch_size=args.batch_size,
@@ -158,16 +160,12 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace):
-    from clipkit.index.embed import embed_texts
-    from clipkit.index.model import load_model
+    from clipkit.index.query import query_model
     from clipkit.index.search import SearchIndex
 
     index = SearchIndex(args.index)
-    spec = args.model or index.report.get("model", "")
-    overrides = args.override if args.model else index.report.get("model_overrides", [])
-    model, name = load_model(spec, overrides)
-    index.check_model(embed_texts(model, ["probe"]).shape[1], name)
-    return index, model, name
+    model = query_model(index, args.model, args.override)
+    return index, model, model.resolved
 
 
 def run_query(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from clipkit import __version__
+from clipkit._version import __version__
 
 USER_AGENT = f"clipkit/{__version__} (+https://github.com/clipkit; image-text dataset builder)"
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}

@@ -4,9 +4,10 @@ Filters, applied in this order (the first that fails names the sample's status):
 
 * caption decoding and ``CaptionRules`` (length limits, blocklist);
 * exact duplicates: the SHA-1 of the decoded pixels; the first occurrence (shard order) stays;
-* DataComp-style image-text similarity: the cosine similarity of the pair's embeddings under
-  a model (``SimilarityScorer``, built on ``clipkit.evaluation.embed``); keep pairs scoring
-  ``>= min_similarity``, or the ``top_fraction`` best-scoring ones (ties by shard order).
+* DataComp-style image-text similarity: ``FilterOptions.scorer`` maps B (PIL image, caption)
+  pairs to (B,) similarities (the CLI passes the models layer's ``SimilarityScorer``, the
+  cosine similarity under a model); keep pairs scoring ``>= min_similarity``, or the
+  ``top_fraction`` best-scoring ones (ties by shard order).
 
 Two passes over the input: the first decides every sample's status (and score), the second
 copies the kept samples' members unchanged into ``ShardWriter`` shards (new contiguous
@@ -45,39 +46,11 @@ def pixel_hash(img: Any) -> str:
     return digest.hexdigest()
 
 
-class SimilarityScorer:
-    """Cosine similarity of image and caption embeddings under a DualEncoder-like model.
-
-    The model needs ``image_transform(train=False)``, ``encode_image``, ``tokenize`` and
-    ``encode_text`` (ARCHITECTURE.md); embedding goes through ``clipkit.evaluation.embed``.
-    """
-
-    def __init__(self, model: Any, batch_size: int = 64, device: str | None = None):
-        import torch
-
-        from clipkit.evaluation.embed import model_device
-
-        self.model, self.batch_size = model, batch_size
-        self.device = torch.device(device) if device else model_device(model)
-        self.transform = model.image_transform(train=False)
-
-    def __call__(self, images: list[Any], texts: list[str]) -> np.ndarray:
-        """(B,) similarities of B (PIL image, caption) pairs."""
-        import torch
-
-        from clipkit.evaluation.embed import encode_images, encode_texts, eval_mode
-
-        x = torch.stack([self.transform(im) for im in images])  # (B, 3, H, W)
-        with eval_mode(self.model):
-            img = encode_images(self.model, x, self.device)  # (B, D), L2-normalised
-            txt = encode_texts(self.model, texts, self.device)  # (B, D), L2-normalised
-        return (img * txt).sum(-1).float().cpu().numpy()
-
-
 @dataclass
 class FilterOptions:
     rules: CaptionRules = field(default_factory=CaptionRules)
     dedup: bool = False
+    # (B PIL images, B captions) -> (B,) similarities; any callable (duck-typed)
     scorer: Callable[[list[Any], list[str]], np.ndarray] | None = None
     min_similarity: float | None = None
     top_fraction: float | None = None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import zlib
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +39,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipkit.config import DataConfig
+from clipkit.data.collate import skip_carrier
 from clipkit.data.decode import SampleError, parse_idx
-from clipkit.data.pipeline import DataError, ShardDataset, _identity, _init_worker, build_loader
+from clipkit.data.pipeline import ShardDataset, build_loader, identity, init_worker
+from clipkit.data.skips import DataError
 from clipkit.data.tario import DuplicateMember, TarDamaged, iter_tar, split_name
 from clipkit.data.urls import _local_path, expand_urls, is_local
 
@@ -227,9 +229,10 @@ class NeighbourBatches(IterableDataset):
         self.base, self.index, self.batches = base, index, batches
 
     def _batch(self, ids: list[int]) -> dict[str, Any]:
-        base, counts = self.base, Counter()
-        raws = read_samples(self.index, ids, base._want)
-        seeded = base.train and base.image_transform is not None and base.feature_lookup is None
+        base = self.base
+        skips = base.skip_counter()
+        raws = read_samples(self.index, ids, base.want)
+        seeded = base.train and base.samples.random
         samples = []
         for i in ids:
             raw = raws[i]
@@ -242,12 +245,12 @@ class NeighbourBatches(IterableDataset):
                 with torch.random.fork_rng(devices=[]) if seeded else contextlib.nullcontext():
                     if seeded:  # a sample's random crop depends on (seed, epoch, idx) alone
                         torch.manual_seed(zlib.crc32(f"{base.seed}/{base.epoch}/{i}".encode()))
-                    samples.append(base._prepare(raw))
+                    samples.append(base.prepare(raw))
             except SampleError as err:
-                base._bad(counts, url, str(i), err)
+                skips.bad_sample(url, str(i), err)
         if not samples:
-            return {"key": [], "skipped": dict(counts)}
-        return base._collate(samples, counts)
+            return skip_carrier(skips.take())
+        return base.collate(samples, skips)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -278,8 +281,8 @@ def plan_loader(
         NeighbourBatches(base, index, batches),
         batch_size=None,
         num_workers=workers,
-        collate_fn=_identity,
-        worker_init_fn=functools.partial(_init_worker, cfg.threads_per_worker) if workers else None,
+        collate_fn=identity,
+        worker_init_fn=functools.partial(init_worker, cfg.threads_per_worker) if workers else None,
         pin_memory=torch.cuda.is_available(),
     )
     loader.shards, loader.readers = list(index.urls), max(1, workers)  # type: ignore[attr-defined]

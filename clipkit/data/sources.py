@@ -2,8 +2,9 @@
 
 * a folder of images with sidecar captions (``cats/001.jpg`` + ``cats/001.txt``), walked in
   sorted order;
-* a manifest read with pandas: CSV, TSV, parquet or JSON lines, with an image column (local
-  path or http(s) URL) and one or more caption columns named by the caller;
+* a manifest (CSV, TSV, parquet, JSON lines; read by ``clipkit.data.manifest``, which sets
+  the NA rule), with an image column (local path or http(s) URL) and one or more caption
+  columns named by the caller;
 * COCO / Flickr caption JSON in Karpathy's split format (``{"images": [{"filepath",
   "filename", "split", "sentences": [{"raw": ...}]}]}``): one image, several captions;
 * a URL list: one URL per line, optionally followed by a tab and a caption.
@@ -18,17 +19,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipkit.data.manifest import (
+    MANIFEST_SUFFIXES,
+    ManifestError,
+    find_column,
+    is_url,
+    read_manifest,
+    resolve_path,
+)
 from clipkit.errors import ClipkitError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MANIFEST_SUFFIXES = (".csv", ".tsv", ".tab", ".parquet", ".jsonl", ".ndjson", ".json")
 URL_LIST_SUFFIXES = (".txt", ".urls", ".list")
 
 # A raw caption: text (manifest cell), bytes (sidecar content), a sidecar Path to read
@@ -48,19 +54,7 @@ class SourceItem:
 
     @property
     def is_url(self) -> bool:
-        return _is_url(self.ref)
-
-
-def _is_url(ref: str) -> bool:
-    # Any scheme counts as a URL (the fetcher refuses all but http(s) as bad_url); a path never.
-    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", ref) is not None
-
-
-def _resolve(ref: str, root: Path) -> str:
-    if _is_url(ref):
-        return ref
-    path = Path(os.path.expanduser(ref))
-    return str(path if path.is_absolute() else root / path)
+        return is_url(self.ref)
 
 
 # ---------------------------------------------------------------------------- folder
@@ -84,51 +78,26 @@ def folder_items(root: str | Path, caption_ext: str = "txt") -> Iterator[SourceI
 # ---------------------------------------------------------------------------- manifests
 
 
-def _read_table(path: Path) -> Any:
-    import pandas as pd
-
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=True)
-        if suffix in (".tsv", ".tab"):
-            return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=True, quoting=3)
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-        return pd.read_json(path, lines=suffix in (".jsonl", ".ndjson"), dtype=False)
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise SourceError(f"cannot read manifest '{path}': {e}") from None
-
-
-def _cell(value: Any) -> str | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return value if isinstance(value, str) else str(value)
-
-
 def manifest_items(
     path: str | Path, image_col: str, caption_cols: Sequence[str], root: str | Path | None = None
 ) -> Iterator[SourceItem]:
-    """Rows of a CSV / TSV / parquet / JSON-lines manifest; relative paths are under ``root``."""
+    """Rows of a manifest (``clipkit.data.manifest``: formats, NA rule); relative paths are under
+    ``root``. A missing image cell gives the ref ``""``, a missing caption cell None."""
     path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"manifest '{path}' does not exist")
-    table = _read_table(path)
-    present = [str(c) for c in table.columns]
-    for role, name in [("image", image_col)] + [("caption", c) for c in caption_cols]:
-        if name not in present:
-            raise SourceError(
-                f"manifest '{path}' has no {role} column '{name}'; its columns are: {', '.join(present)} "
-                f"(choose with --{'image' if role == 'image' else 'caption'}-col)"
-            )
+    try:
+        table = read_manifest(path)
+        find_column(table, path, "image", [image_col], "choose with --image-col")
+        for name in caption_cols:
+            find_column(table, path, "caption", [name], "choose with --caption-col")
+    except ManifestError as e:
+        raise SourceError(str(e)) from None
     base = Path(root) if root is not None else path.parent
     images = table[image_col].tolist()
     captions = [table[c].tolist() for c in caption_cols]
     return (
-        SourceItem(i, "" if _cell(ref) is None else _resolve(_cell(ref).strip(), base),
-                   tuple(_cell(col[i]) for col in captions))
+        SourceItem(i, "" if ref is None else resolve_path(ref, base), tuple(col[i] for col in captions))
         for i, ref in enumerate(images)
-    )  # fmt: skip
+    )
 
 
 def is_karpathy_json(path: Path) -> bool:
@@ -163,11 +132,17 @@ def karpathy_items(
     return (_karpathy_item(i, im, base) for i, im in enumerate(chosen))
 
 
+def _cell(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
 def _karpathy_item(index: int, im: dict[str, Any], base: Path) -> SourceItem:
     rel = "/".join(str(p) for p in (im.get("filepath"), im.get("filename")) if p)
     sentences = im.get("sentences") or []
     caps = tuple(_cell(s.get("raw")) if isinstance(s, dict) else _cell(s) for s in sentences)
-    return SourceItem(index, _resolve(rel, base) if rel else "", caps or (None,))
+    return SourceItem(index, resolve_path(rel, base) if rel else "", caps or (None,))
 
 
 # ---------------------------------------------------------------------------- URL lists

@@ -4,15 +4,14 @@ Pure metric functions over tensors live in ``metrics``; ``zeroshot``, ``retrieva
 ``linear_probe`` are drivers that embed a dataset with a model (``embed``, split across ranks
 by ``distributed``); datasets come from ``dataspec.open_dataset`` (``datasets``: CLIP_benchmark
 and clipkit shards, ``folders``: class folders and manifests); models from
-``models.load_eval_model``; suites (``suite``) run through ``runner``; ``report`` and ``plots``
-write results; ``export`` turns a clipkit model into an open_clip one.
+``clipkit.models.specs.load_model``; suites (``suite``) run through ``runner``; ``report`` and
+``plots`` write results; ``cached`` scores many states of a locked-tower model for one tower pass.
 """
 
 from clipkit.evaluation.datasets import ClipBenchmarkWds, ClipkitShards, write_clip_benchmark_wds
 from clipkit.evaluation.dataspec import open_dataset
 from clipkit.evaluation.linear_probe import evaluate_linear_probe
 from clipkit.evaluation.metrics import retrieval_metrics, zeroshot_metrics
-from clipkit.evaluation.models import load_eval_model, safe_name
 from clipkit.evaluation.report import format_table, result_json, write_result
 from clipkit.evaluation.retrieval import evaluate_retrieval
 from clipkit.evaluation.source import EvalDataError
@@ -27,12 +26,10 @@ __all__ = [
     "evaluate_retrieval",
     "evaluate_zeroshot",
     "format_table",
-    "load_eval_model",
     "open_dataset",
     "result_json",
     "retrieval_metrics",
     "run_zeroshot",
-    "safe_name",
     "write_clip_benchmark_wds",
     "write_result",
     "zeroshot_metrics",

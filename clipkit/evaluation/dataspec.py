@@ -6,7 +6,8 @@ A spec is ``[FORMAT:]PATH[:SPLIT]``. Formats, and how they are recognised withou
                ``dataset_type.txt`` or ``<split>/nshards.txt``, and ``<split>/*.tar``;
 - ``shards``   clipkit's own shards: a folder holding ``*.tar`` itself, or a brace pattern /
                ``::``-joined list of tar files;
-- ``manifest`` a ``.csv`` / ``.tsv`` / ``.parquet`` file;
+- ``manifest`` a manifest file (``clipkit.data.manifest``): ``.csv``, ``.tsv``, ``.parquet``,
+               ``.jsonl``, ...;
 - ``folder``   a folder of class folders of images (``<root>/[<split>/]<class>/<image>``).
 
 The split defaults to ``test`` for ``wds``; for the others the whole dataset is used unless a
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from clipkit.data.manifest import SUFFIX_HELP, is_manifest
 from clipkit.evaluation.source import EvalDataError, EvalSource
 from clipkit.registry import suggest
 
@@ -55,11 +57,11 @@ def detect_format(path: str, split: str | None) -> str:
     if "{" in path or "::" in path:
         return "shards"
     if p.is_file():
-        if p.suffix.lower() in (".csv", ".tsv", ".parquet"):
+        if is_manifest(p):
             return "manifest"
         if p.suffix == ".tar":
             return "shards"
-        raise EvalDataError(f"'{path}' is a file but not a manifest (.csv, .tsv, .parquet) or a .tar shard")
+        raise EvalDataError(f"'{path}' is a file but not a manifest ({SUFFIX_HELP}) or a .tar shard")
     if not p.is_dir():
         head = path.split(":", 1)[0] if ":" in path else ""
         hint = (
@@ -78,7 +80,8 @@ def detect_format(path: str, split: str | None) -> str:
     raise EvalDataError(
         f"cannot tell the layout of '{path}': expected a CLIP_benchmark folder (<split>/*.tar + "
         "classnames.txt / dataset_type.txt), a folder of *.tar shards, a folder of class folders, "
-        "or a .csv / .parquet manifest; prefix the path with wds:, shards:, folder: or manifest:"
+        "or a manifest (.csv, .tsv, .parquet, .jsonl, ...); prefix the path with wds:, shards:, folder: "
+        "or manifest:"
     )
 
 

@@ -9,8 +9,9 @@ line, in that order) replaces the folder names; without it a folder name is used
 read as a space. Prompts come from ``<root>/zeroshot_classification_templates.txt`` or the
 suite.
 
-Manifest (``ManifestSource``): a ``.csv``, ``.tsv`` or ``.parquet`` table, one row per image
-(classification) or per image-caption pair (retrieval), with columns
+Manifest (``ManifestSource``): a table in any format of ``clipkit.data.manifest`` (which sets
+the NA rule), one row per image (classification) or per image-caption pair (retrieval), with
+columns
 
     image              path of the image, relative to the manifest's folder (or absolute)
     label | class      integer label, or class name (names are sorted into labels)
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from clipkit.data import decode as data_decode
+from clipkit.data.manifest import ManifestError, find_column, int_column, read_manifest, resolve_path
 from clipkit.evaluation.datasets import (
     ALPHA_MODES,
     CLASSNAMES_FILE,
@@ -43,7 +45,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 CHUNK = 256  # records per unit (what one loader worker takes at a time)
 IMAGE_COLUMNS = ("image", "image_path", "path", "filepath", "file")
 CAPTION_COLUMNS = ("caption", "captions", "text")
-MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet")
+IMAGE_HINT = "name the column of image paths, relative to the manifest's folder, one of these"
 
 
 def _chunks(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -150,46 +152,35 @@ class ImageFolderSource(_FileSource):
         return f"ImageFolderSource('{self.folder}', {len(self.records)} images, {len(self.class_folders)} classes)"
 
 
-def _read_table(path: Path) -> Any:
-    import pandas as pd
-
-    try:
-        if path.suffix == ".parquet":
-            return pd.read_parquet(path)
-        return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", keep_default_na=False)
-    except (OSError, ValueError) as err:
-        raise EvalDataError(f"cannot read manifest '{path}': {err}") from None
-
-
 class ManifestSource(_FileSource):
     def __init__(self, path: str | Path, split: str | None = None, alpha: str = "white"):
         if alpha not in ALPHA_MODES:
             raise EvalDataError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
         self.path, self.alpha, self.split = Path(path), alpha, split
         self.meta_dir, self.name = self.path.parent, self.path.stem
-        if not self.path.is_file():
-            raise EvalDataError(f"manifest '{self.path}' does not exist")
-        table = _read_table(self.path)
+        try:
+            table = read_manifest(self.path)
+            image_col = find_column(table, self.path, "image", IMAGE_COLUMNS, IMAGE_HINT)
+        except ManifestError as err:
+            raise EvalDataError(str(err)) from None
         cols = list(table.columns)
         if split is not None:
             if "split" not in cols:
                 raise EvalDataError(f"manifest '{self.path}' has no 'split' column to select '{split}' from")
-            found = sorted(set(map(str, table["split"])))
-            table = table[table["split"].astype(str) == split]
+            found = sorted({s for s in table["split"] if s is not None})
+            table = table[table["split"] == split]
             if table.empty:
                 raise EvalDataError(f"manifest '{self.path}' has no rows of split '{split}'; splits: {found}")
-        image_col = next((c for c in IMAGE_COLUMNS if c in cols), None)
-        if image_col is None:
-            raise EvalDataError(
-                f"manifest '{self.path}' has no image column ({'/'.join(IMAGE_COLUMNS)}); columns: {cols}"
-            )
         if table.empty:
             raise EvalDataError(f"manifest '{self.path}' is empty: no rows")
-        paths = [self._resolve(str(p)) for p in table[image_col]]
+        if table[image_col].isna().any():
+            row = table.index[table[image_col].isna()][0]
+            raise EvalDataError(f"manifest '{self.path}': row {row} has no image path (column '{image_col}')")
+        paths = [Path(resolve_path(p, self.meta_dir)) for p in table[image_col]]
         caption_col = next((c for c in CAPTION_COLUMNS if c in cols), None)
         if caption_col is not None:
             self.task = "zeroshot_retrieval"
-            self.records = self._retrieval_records(paths, [str(c) for c in table[caption_col]])
+            self.records = self._retrieval_records(paths, table[caption_col].tolist())
         elif "label" in cols or "class" in cols:
             self.task = "zeroshot_classification"
             self.records = self._classification_records(paths, table)
@@ -205,30 +196,29 @@ class ManifestSource(_FileSource):
                 f"e.g. '{missing[0]}' (paths are relative to the manifest's folder)"
             )
 
-    def _resolve(self, p: str) -> Path:
-        path = Path(p).expanduser()
-        return path if path.is_absolute() else self.meta_dir / path
-
     def _key(self, path: Path) -> str:
         try:
             return str(path.relative_to(self.meta_dir))
         except ValueError:
             return str(path)
 
-    def _retrieval_records(self, paths: list[Path], captions: list[str]) -> list[dict[str, Any]]:
+    def _retrieval_records(self, paths: list[Path], captions: list[str | None]) -> list[dict[str, Any]]:
         grouped: dict[Path, list[str]] = {}
-        for path, caption in zip(paths, captions):
-            grouped.setdefault(path, []).extend(caption.splitlines())
+        for path, caption in zip(paths, captions):  # a missing caption adds none
+            grouped.setdefault(path, []).extend((caption or "").splitlines())
         return [{"__key__": self._key(p), "path": p, "captions": caps} for p, caps in grouped.items()]
 
     def _classification_records(self, paths: list[Path], table: Any) -> list[dict[str, Any]]:
         if "label" in table.columns:
             try:
-                labels = [int(v) for v in table["label"]]
-            except (TypeError, ValueError):
-                raise EvalDataError(f"manifest '{self.path}': column 'label' must hold integers") from None
+                labels = int_column(table, self.path, "label")
+            except ManifestError as err:
+                raise EvalDataError(str(err)) from None
         else:
-            names = [str(v) for v in table["class"]]
+            if table["class"].isna().any():
+                row = table.index[table["class"].isna()][0]
+                raise EvalDataError(f"manifest '{self.path}': row {row} has no class name")
+            names = table["class"].tolist()
             self.classnames = sorted(set(names))
             index = {n: i for i, n in enumerate(self.classnames)}
             labels = [index[n] for n in names]

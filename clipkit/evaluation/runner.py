@@ -151,8 +151,8 @@ def run_suite(
     model_specs: list[str], suite: Suite, opts: RunOptions, log: Callable[[str], None] = print
 ) -> list[dict[str, Any]]:
     """Evaluate every model on every dataset of ``suite``; returns the long result rows."""
-    from clipkit.evaluation.models import load_eval_model, safe_name
     from clipkit.evaluation.report import write_result
+    from clipkit.models.specs import load_model, safe_name
 
     prepared = [prepare(e) for e in suite.entries]  # fail before any model is loaded
     out, main = Path(opts.output), opts.ranks.main
@@ -160,7 +160,7 @@ def run_suite(
     confusions: list[tuple[str, str, Any]] = []
     for spec in model_specs:
         t_model = time.perf_counter()
-        model = load_eval_model(spec, opts.device)
+        model = load_model(spec, device=opts.device)
         if main:
             log(f"{spec}: loaded in {time.perf_counter() - t_model:.1f} s")
         images: dict[str, Any] = {}
@@ -189,9 +189,9 @@ def run_suite(
 def write_report(
     rows: list[dict[str, Any]], confusions: list[tuple[str, str, Any]], out: Path, title: str
 ) -> None:
-    from clipkit.evaluation.models import safe_name
     from clipkit.evaluation.plots import bar_chart, confusion_png
     from clipkit.evaluation.report import write_summary
+    from clipkit.models.specs import safe_name
 
     write_summary(rows, out)
     bar_chart(rows, out / "scores.png", title)

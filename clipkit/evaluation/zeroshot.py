@@ -24,9 +24,10 @@ import torch
 
 from clipkit.evaluation.datasets import check_templates
 from clipkit.evaluation.distributed import Ranks, all_gather
-from clipkit.evaluation.embed import Embedded, embed_dataset, encode_texts, eval_mode, model_device
+from clipkit.evaluation.embed import Embedded, embed_dataset
 from clipkit.evaluation.metrics import faiss_topk, zeroshot_metrics_from_topk
 from clipkit.evaluation.source import EvalDataError
+from clipkit.models.embed import encode_texts, eval_mode, model_device
 
 LOGIT_SCALE = 100.0  # CLIP_benchmark's fixed zero-shot logit scale
 

@@ -5,10 +5,10 @@
     choose.py   pure: candidate index keys and their memory for n, d and a budget
     build.py    train on a sample, add part by part, tune nprobe / efSearch, report
     search.py   load (memory-mapped), check, query by vector / key
-    query.py    command-line queries (text, image, batch file) -> rows
+    query.py    the query model, command-line queries (text, image, batch file) -> rows
     merge.py    join index folders built on separate parts
     server.py   HTTP JSON API + search page (page.py)
-    model.py    --model SPEC -> a model
+    families/   index families (flat, hnsw, ivf, ivf_refine): one registry, one module each
 
 The CLI is ``clipkit index {embed,build,merge,query,serve}`` (clipkit/cli/index_cmd.py).
 """

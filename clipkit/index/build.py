@@ -4,13 +4,15 @@
    collection itself; then each query's own id is dropped from every result list, so the
    trivially found self-match does not count towards recall.
 2. Ground truth: exact inner-product top-k, streamed part by part (``faiss.knn`` + a heap).
-3. Candidates from ``choose.plan`` (or ``--key``); for each: train on a random sample, add the
-   parts one by one, tune ``nprobe`` / ``efSearch`` to the smallest value at which recall@k
-   reaches the target with 97.5% confidence (mean - 2 standard errors over the queries), so
-   that new queries reach it too. Flat is exact by construction (the ground truth is the same
-   scan) and is not searched again. Above ``choose.EXACT_ONLY_N`` vectors the first candidate
-   of each family (flat, hnsw, ivf) that reaches the target is built and the one with the most
-   queries/s at batch 1 (a time-boxed measurement) wins; otherwise the first to reach it.
+3. Candidates from ``choose.plan`` (or ``--key``); for each, through its family
+   (``clipkit.index.families``): train on a random sample, add the parts one by one, tune
+   the search parameter (``nprobe``, ``efSearch``, ...) to the smallest value at which
+   recall@k reaches the target with 97.5% confidence (mean - 2 standard errors over the
+   queries), so that new queries reach it too. Flat is exact by construction (the ground
+   truth is the same scan) and is not searched again. Above ``choose.EXACT_ONLY_N`` vectors
+   the first candidate of each structure (flat, hnsw, ivf) that reaches the target is built
+   and the one with the most queries/s at batch 1 (a time-boxed measurement) wins;
+   otherwise the first to reach it.
    When one misses, only candidates with finer codes or another structure are tried next; an
    IVF candidate with the same lists as an earlier one reuses its k-means centroids.
 4. Write ``index.faiss``, ``trained.faiss`` (the trained, empty index: build other shards
@@ -35,6 +37,7 @@ import pyarrow.parquet as pq
 from clipkit.data.atomic import atomic_open
 from clipkit.errors import ClipkitError
 from clipkit.index import choose
+from clipkit.index.families import Candidate, family
 from clipkit.index.store import EmbeddingSet, write_json
 
 INDEX_FILE, TRAINED_FILE, META_FILE, REPORT_FILE = (
@@ -43,7 +46,6 @@ INDEX_FILE, TRAINED_FILE, META_FILE, REPORT_FILE = (
     "metadata.parquet",
     "report.json",
 )
-SEARCH_PARAM = {"ivf": "nprobe", "hnsw": "efSearch", "flat": None}
 
 
 class BuildError(ClipkitError, ValueError):
@@ -53,23 +55,11 @@ class BuildError(ClipkitError, ValueError):
 # ----------------------------------------------------------------------------- helpers
 
 
-def family_of(index: faiss.Index) -> str:
-    if faiss.try_extract_index_ivf(index) is not None:
-        return "ivf"
-    return "hnsw" if "HNSW" in type(faiss.downcast_index(index)).__name__ else "flat"
-
-
 def write_index(index: faiss.Index, path: Path) -> None:
     with atomic_open(path) as f:
         writer = faiss.PyCallbackIOWriter(f.write)
         faiss.write_index(index, writer)
         del writer  # flushes
-
-
-def set_search_params(index: faiss.Index, params: dict[str, int]) -> None:
-    ps = faiss.ParameterSpace()
-    for name, value in params.items():
-        ps.set_index_parameter(index, name, int(value))
 
 
 def rss_bytes(field: str = "VmHWM") -> int | None:
@@ -153,51 +143,6 @@ class Evaluator:
                 return done / elapsed
 
 
-def tune(index: faiss.Index, family: str, ev: Evaluator, target: float) -> tuple[dict[str, int], tuple, list]:
-    """Smallest nprobe / efSearch whose recall bound reaches ``target`` (or the best found).
-
-    Returns (params, (recall, bound), curve). Doubles the parameter from 1 (IVF) or
-    max(16, k) (HNSW) until the target is met, the parameter is exhaustive, or recall stops
-    rising (< 0.002 over two doublings); then bisects between the last miss and the first
-    hit. Recall is assumed non-decreasing in the parameter.
-    """
-    name = SEARCH_PARAM[family]
-    if name is None:  # exact search: the ground truth is this very scan, so recall is 1
-        return {}, (1.0, 1.0), []
-    ivf = faiss.try_extract_index_ivf(index)
-    top = ivf.nlist if ivf is not None else 4096
-    start = 1 if ivf is not None else max(16, ev.k)
-    measured: dict[int, tuple[float, float]] = {}
-
-    def hit(value: int) -> bool:
-        set_search_params(index, {name: value})
-        measured[value] = ev.recall(index)
-        return measured[value][1] >= target
-
-    value, low, means = start, 0, []  # low: the largest value known to miss (0: none yet)
-    while True:
-        reached = hit(value)
-        means.append(measured[value][0])
-        if reached or value >= top:
-            break
-        if len(means) >= 3 and means[-1] - means[-3] < 0.002:
-            break  # plateau: the codes, not the search, limit recall
-        low, value = value, min(value * 2, top)
-    if reached:
-        high = value
-        while low and high - low > 1:
-            mid = (low + high) // 2
-            if hit(mid):
-                high = mid
-            else:
-                low = mid
-        value = high
-    else:
-        value = max(measured, key=lambda v: measured[v][0])
-    set_search_params(index, {name: value})
-    return {name: value}, measured[value], [(v, round(m, 4)) for v, (m, _) in sorted(measured.items())]
-
-
 # ----------------------------------------------------------------------------- build
 
 
@@ -212,46 +157,33 @@ def _queries(emb: EmbeddingSet, queries: str | Path | np.ndarray | None, n_queri
     return np.ascontiguousarray(q, dtype=np.float32), None, f"{len(q)} held-out queries from {queries}"
 
 
-def _new_index(cand: choose.Candidate, emb: EmbeddingSet, rng, trained: faiss.Index | None,
-               centroids: dict[int, np.ndarray]) -> faiss.Index:  # fmt: skip
-    """A trained, empty index for ``cand``.
+def _new_index(
+    cand: Candidate, emb: EmbeddingSet, rng, trained: faiss.Index | None, cache: dict
+) -> faiss.Index:
+    """A trained, empty index for ``cand``: a copy of ``trained`` when given, else its family's.
 
-    ``centroids`` (nlist -> (nlist, d) coarse centroids) carries the k-means result from one
-    IVF candidate to the next with the same lists (IVF-SQ8 missing the target -> IVF-Flat):
-    IndexIVF skips training a quantizer that already holds nlist centroids. Indexes behind a
-    rotation (OPQ) cluster in the rotated space and train their own.
+    ``cache`` lives for one build: a family keeps there what the next candidate can reuse
+    (IVF: the k-means centroids of each ``nlist``).
     """
     if trained is not None:
         return faiss.clone_index(trained)
-    index = faiss.index_factory(emb.d, cand.key, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.try_extract_index_ivf(index)
-    bare_ivf = ivf is not None and not isinstance(faiss.downcast_index(index), faiss.IndexPreTransform)
-    if ivf is not None:
-        ivf.cp.spherical = True  # unit-norm data: centroids on the sphere (cosine k-means)
-        ivf = faiss.downcast_index(ivf)
-        if isinstance(ivf, faiss.IndexIVFPQ):
-            # On by default in index_factory; it only serves Hamming-threshold ("ht") search,
-            # which clipkit does not use, and it is most of the PQ training time.
-            ivf.do_polysemous_training = False
-        if bare_ivf and cand.nlist in centroids:
-            ivf.quantizer.add(centroids[cand.nlist])
-    if not index.is_trained:
-        sample = emb.take(np.sort(rng.choice(emb.n, min(cand.train_rows or emb.n, emb.n), replace=False)))
-        index.train(sample)
-    if bare_ivf:
-        centroids[cand.nlist] = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    return index
+
+    def draw(rows: int) -> np.ndarray:  # (rows, d) float32, a random sample; rows 0: all
+        return emb.take(np.sort(rng.choice(emb.n, min(rows or emb.n, emb.n), replace=False)))
+
+    return family(cand.family).new_index(cand, emb.d, draw, cache)
 
 
 def _attempt(cand, emb, ev, target, rng, trained, centroids, log) -> dict[str, Any]:
     t0 = time.perf_counter()
+    fam = family(cand.family)
     index = _new_index(cand, emb, rng, trained, centroids)
-    trained_bytes = faiss.serialize_index(index).tobytes() if cand.family == "ivf" else b""
+    trained_bytes = faiss.serialize_index(index).tobytes() if fam.shares_training else b""
     t1 = time.perf_counter()
     for _, vectors in emb.iter_parts():
         index.add(vectors)
     t2 = time.perf_counter()
-    params, (recall, bound), curve = tune(index, cand.family, ev, target)
+    params, (recall, bound), curve = fam.tune(index, ev, target)
     t3 = time.perf_counter()
     log(
         f"{cand.key}: recall@{ev.k} {recall:.4f} (>= {bound:.4f}) at {params or 'exact search'} "
@@ -271,23 +203,24 @@ def _attempt(cand, emb, ev, target, rng, trained, centroids, log) -> dict[str, A
 
 
 def _search_candidates(cands, compare: int, emb, ev, target, rng, trained, log) -> dict[str, Any]:
-    """Build candidates in order until one reaches ``target`` in each of ``compare`` families.
+    """Build candidates in order until one reaches ``target`` in each of ``compare`` structures.
 
-    A candidate is skipped when its family already reached the target, or already missed it
-    with codes at least as fine (coarser codes cannot do better). Among those reaching the
-    target the one with the most queries/s at batch 1 wins; if none does, the best recall.
+    A candidate is skipped when its structure (flat, hnsw, ivf: ``Candidate.structure``)
+    already reached the target, or already missed it with codes at least as fine (coarser
+    codes cannot do better). Among those reaching the target the one with the most queries/s
+    at batch 1 wins; if none does, the best recall.
     """
     best, tried, reached, missed, centroids = None, [], set(), {}, {}
     for cand in cands:
-        if cand.family in reached or missed.get(cand.family, -1) >= cand.code_bytes:
+        if cand.structure in reached or missed.get(cand.structure, -1) >= cand.code_bytes:
             continue
         att = _attempt(cand, emb, ev, target, rng, trained, centroids, log)
         if att["reached"]:
-            reached.add(cand.family)
+            reached.add(cand.structure)
             if compare > 1:
                 att["qps1"] = ev.qps(att["index"], 1)
         else:
-            missed[cand.family] = max(missed.get(cand.family, -1), cand.code_bytes)
+            missed[cand.structure] = max(missed.get(cand.structure, -1), cand.code_bytes)
         tried.append(
             {
                 "key": cand.key,

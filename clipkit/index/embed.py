@@ -24,9 +24,9 @@ import torch
 from clipkit.data.decode import SampleError, decode_image
 from clipkit.data.pipeline import draft_size_of
 from clipkit.errors import ClipkitError
-from clipkit.evaluation.embed import encode_images, encode_texts, eval_mode, model_device
 from clipkit.index.sources import PartSpec, Sample, Source
 from clipkit.index.store import CONFIG_FILE, META_COLUMNS, part_done, part_name, write_json, write_part
+from clipkit.models.embed import encode_images, encode_texts, eval_mode, model_device
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 

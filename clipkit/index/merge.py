@@ -3,10 +3,13 @@
 Ids follow the order of the folders given: the first folder's ids, then the second's shifted
 by the first's count, and so on; ``metadata.parquet`` is concatenated the same way.
 
-* IVF (any code): the folders must share one trained index (same ``trained_sha256``): build
-  the first normally and the others with ``--trained FIRST``. Lists are then joined with
-  FAISS's ``merge_from``, and the result equals one build over all vectors. Indexes trained
-  separately have different centroids and cannot be joined this way; that is refused.
+Each index family joins its own kind (``Family.join`` in ``clipkit.index.families``):
+
+* IVF (any code, and the re-ranked ``ivf_refine``): the folders must share one trained index
+  (same ``trained_sha256``): build the first normally and the others with ``--trained
+  FIRST``. Lists are then joined with FAISS's ``merge_from``, and the result equals one
+  build over all vectors. Indexes trained separately have different centroids and cannot be
+  joined this way; that is refused.
 * Flat and HNSW: vectors are read back from each (exact for these) and added to a new index.
 
 The search parameter kept is the largest of the parts' tuned values; recall is not
@@ -16,26 +19,20 @@ for a tuned report.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipkit.data.atomic import atomic_open
-from clipkit.errors import ClipkitError
 from clipkit.index.build import INDEX_FILE, META_FILE, REPORT_FILE, TRAINED_FILE, write_index
+from clipkit.index.families import MergeError, family
 from clipkit.index.search import SearchIndex
 from clipkit.index.store import write_json
-
-
-class MergeError(ClipkitError, ValueError):
-    """Index folders that cannot be joined (other model, width, key or training)."""
 
 
 def _check_compatible(parts: list[SearchIndex]) -> None:
@@ -48,29 +45,11 @@ def _check_compatible(parts: list[SearchIndex]) -> None:
                     f"cannot merge {parts[0].folder} and {p.folder}: {field} differs "
                     f"({first.get(field)!r} vs {r.get(field)!r})"
                 )
-        if first.get("family") == "ivf" and r.get("trained_sha256") != first.get("trained_sha256"):
+        if family(parts[0].family).shares_training and r.get("trained_sha256") != first.get("trained_sha256"):
             raise MergeError(
                 f"{p.folder} was trained separately from {parts[0].folder} (other IVF centroids), so their "
                 f"lists cannot be joined; rebuild it with `clipkit index build ... --trained {parts[0].folder}`"
             )
-
-
-def _join(parts: list[SearchIndex]) -> faiss.Index:
-    family = parts[0].report.get("family")
-    if family == "ivf":
-        base = faiss.read_index(str(parts[0].folder / INDEX_FILE))  # writable copy
-        for p in parts[1:]:
-            other = faiss.read_index(str(p.folder / INDEX_FILE))
-            base.merge_from(other, base.ntotal)  # ids of other shifted by the count so far
-        return base
-    if family == "flat":
-        base = faiss.IndexFlatIP(parts[0].dim)
-    else:
-        m = int(re.fullmatch(r"HNSW(\d+)", parts[0].report["index_key"]).group(1))
-        base = faiss.IndexHNSWFlat(parts[0].dim, m, faiss.METRIC_INNER_PRODUCT)
-    for p in parts:
-        base.add(p.index.reconstruct_n(0, p.ntotal))  # (n_p, d): exact for Flat storage
-    return base
 
 
 def merge_indexes(
@@ -84,7 +63,10 @@ def merge_indexes(
     t0 = time.perf_counter()
     parts = [SearchIndex(f) for f in folders]
     _check_compatible(parts)
-    index = _join(parts)
+    first = parts[0]
+    index = family(first.family).join(
+        [p.folder / INDEX_FILE for p in parts], first.report["index_key"], first.dim
+    )
     params: dict[str, int] = {}
     for p in parts:
         for name, value in p.report.get("search_params", {}).items():
@@ -95,7 +77,6 @@ def merge_indexes(
     write_index(index, out / INDEX_FILE)
     with atomic_open(out / META_FILE) as f:
         pq.write_table(meta, f)
-    first = parts[0]
     if (first.folder / TRAINED_FILE).is_file():
         with atomic_open(out / TRAINED_FILE) as f:
             f.write((first.folder / TRAINED_FILE).read_bytes())

@@ -33,6 +33,25 @@ def _query(text: Any = None, image: Any = None, where: str = "") -> dict[str, st
     return {"image": image}
 
 
+def query_model(index: SearchIndex, spec: str = "", overrides: list[str] | None = None) -> Any:
+    """The model to query ``index`` with: ``spec``, or else the one the index records.
+
+    Overrides apply to an explicit spec only; the recorded model gets the recorded overrides.
+    A model whose embeddings have another width than the index's is refused.
+    """
+    from clipkit.models.specs import load_model
+
+    if spec:
+        model = load_model(spec, list(overrides or []))
+    else:
+        recorded = index.report.get("model", "")
+        if not recorded:
+            raise QueryError(f"index {index.folder} records no model: pass one (--model / model=)")
+        model = load_model(recorded, index.report.get("model_overrides", []))
+    index.check_model(embed_texts(model, ["probe"]).shape[1], model.resolved)
+    return model
+
+
 def read_queries(text: str | None = None, image: str | None = None, batch: str | None = None) -> list[dict]:
     """Exactly one of ``text``, ``image`` or ``batch`` (text lines, or .jsonl of {"text"|"image"})."""
     if sum(x is not None for x in (text, image, batch)) != 1:

@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipkit.errors import ClipkitError
-from clipkit.index.build import INDEX_FILE, META_FILE, REPORT_FILE, family_of, set_search_params
+from clipkit.index.build import INDEX_FILE, META_FILE, REPORT_FILE
+from clipkit.index.families import IndexChoiceError, family, family_of, set_search_params
 
 HIT_FIELDS = ["key", "caption", "source", "shard", "offset", "idx"]
 
@@ -49,9 +50,12 @@ class SearchIndex:
         self.meta = pq.read_table(self.folder / META_FILE)
         self._check()
         set_search_params(self.index, self.report.get("search_params", {}))
-        self.family = family_of(self.index)
+        try:
+            self.family = family_of(self.index)
+        except IndexChoiceError as e:
+            raise SearchIndexError(f"{self.folder}: {e}") from None
         self._reconstruct_lock = threading.Lock()
-        self._direct_map = False
+        self._reconstruct_ready = False
 
     @property
     def dim(self) -> int:
@@ -124,9 +128,9 @@ class SearchIndex:
     def vector(self, id_: int) -> np.ndarray:
         """The stored (possibly quantized) vector of ``id_``, as (d,) float32."""
         with self._reconstruct_lock:
-            if self.family == "ivf" and not self._direct_map:
-                faiss.extract_index_ivf(self.index).make_direct_map()
-                self._direct_map = True
+            if not self._reconstruct_ready:
+                family(self.family).prepare_reconstruct(self.index)
+                self._reconstruct_ready = True
         return self.index.reconstruct(int(id_))
 
     def neighbours(self, key: str, k: int) -> list[dict]:

@@ -7,9 +7,9 @@ and either its image bytes or the ``SampleError`` that makes it unusable.
 
     folder:   every image file below it (jpg, jpeg, png, webp, bmp, gif), sorted by path;
               caption from a sibling ``<name>.txt`` when present; key = relative path sans suffix
-    manifest: .csv / .tsv / .parquet / .jsonl with a ``path`` (or ``image``) column, relative
-              to the manifest's folder or absolute; optional ``key``, ``caption`` (or ``text``),
-              ``idx``
+    manifest: any format of ``clipkit.data.manifest`` (which sets the NA rule) with a ``path``
+              (or ``image``) column, relative to the manifest's folder or absolute; optional
+              ``key``, ``caption`` (or ``text``; missing = ""), ``idx``
     shards:   a shard spec as for training (``data/x/train-{000000..000009}.tar``, a folder of
               tars, ``::``-joined lists); image from the first of ``image_keys`` present,
               caption from ``caption_key``, source URL from the ``json`` member's ``url``
@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipkit.data.decode import SampleError, parse_idx
+from clipkit.data.manifest import ManifestError, find_column, int_column, read_manifest, resolve_path
 from clipkit.errors import ClipkitError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+_IMAGE_HINT = "clipkit index embed needs a 'path' (or 'image') column of image files, relative to its folder"
 
 
 class SourceError(ClipkitError, ValueError):
@@ -113,44 +115,27 @@ class FolderSource(Source):
             yield sample
 
 
-def _read_manifest(path: Path):  # -> pandas.DataFrame
-    import pandas as pd
-
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-        if suffix in (".csv", ".tsv"):
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-        if suffix in (".jsonl", ".ndjson"):
-            return pd.read_json(path, lines=True, dtype=False)
-    except (ValueError, OSError) as e:
-        raise SourceError(f"cannot read manifest {path}: {e}") from None
-    raise SourceError(f"manifest {path}: unknown format '{suffix}'; use .csv, .tsv, .parquet or .jsonl")
-
-
 class ManifestSource(Source):
     kind = "manifest"
 
     def __init__(self, path: str | Path, part_size: int = 10_000):
         self.path = Path(path).resolve()
-        if not self.path.is_file():
-            raise SourceError(f"manifest {path} does not exist")
-        df = _read_manifest(self.path)
-        col = next((c for c in ("path", "image") if c in df.columns), None)
-        if col is None:
-            raise SourceError(
-                f"manifest {path} needs a 'path' (or 'image') column; it has {list(df.columns)}"
-            )
+        try:
+            df = read_manifest(self.path)
+            col = find_column(df, path, "image", ("path", "image"), _IMAGE_HINT)
+            n = len(df)
+            self.idx = int_column(df, path, "idx") if "idx" in df else list(range(n))
+        except ManifestError as e:
+            raise SourceError(str(e)) from None
         base = self.path.parent
-        self.paths = [str(p if Path(p).is_absolute() else base / p) for p in df[col].astype(str)]
-        n = len(df)
-        self.keys = df["key"].astype(str).tolist() if "key" in df else [f"{i:09d}" for i in range(n)]
+        self.paths = [None if p is None else resolve_path(p, base) for p in df[col]]
+        self.keys = df["key"].tolist() if "key" in df else [f"{i:09d}" for i in range(n)]
+        if None in self.keys:
+            raise SourceError(f"manifest {path}: the 'key' column is empty in row {self.keys.index(None)}")
         if len(set(self.keys)) != n:
             raise SourceError(f"manifest {path}: the 'key' column has duplicates")
         cap = next((c for c in ("caption", "text") if c in df.columns), None)
-        self.captions = df[cap].fillna("").astype(str).tolist() if cap else [""] * n
-        self.idx = df["idx"].astype(int).tolist() if "idx" in df else list(range(n))
+        self.captions = [c or "" for c in df[cap]] if cap else [""] * n  # a missing caption is ""
         self.part_size = part_size
 
     def describe(self) -> dict[str, str]:
@@ -162,8 +147,12 @@ class ManifestSource(Source):
 
     def read_part(self, part: PartSpec, images: bool = True) -> Iterator[Sample]:
         for i in range(part.start, part.stop):
-            sample = Sample(self.keys[i], self.idx[i], self.captions[i], self.paths[i], part.shard, i)
-            data = _read_file(Path(self.paths[i])) if images else None
+            path = self.paths[i]
+            sample = Sample(self.keys[i], self.idx[i], self.captions[i], path or "", part.shard, i)
+            if path is None and images:
+                data = SampleError("missing_image", f"{self.path}: row {i} has no image path")
+            else:
+                data = _read_file(Path(path)) if images and path else None
             if isinstance(data, SampleError):
                 sample.error = data
             else:

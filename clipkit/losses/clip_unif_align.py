@@ -33,7 +33,7 @@ class ClipUniformAlignLoss(nn.Module):
     ``clip_tiled``'s and each uniformity term is a logsumexp over pairs of
     ``-t ||x_i - x_j||^2 = 2t x_i.x_j - t|x_i|^2 - t|x_j|^2``, which needs the kernel of
     ``clipkit.losses.tiled`` to take row and column offsets (and their gradients).
-    Gradient caching (``clipkit.training.gradcache``) works as for any loss.
+    Gradient caching (``train.grad_cache_micro_batch``) works as for any loss.
     """
 
     def __init__(

@@ -18,13 +18,12 @@ PROBE_TEXTS = ["a photo of a dog", "two red cars on a street at night, seen from
 
 
 def load_teacher(teacher: str | Path | nn.Module | None) -> nn.Module | None:
-    """A frozen, eval-mode teacher: a module as given, or a clipkit run folder / checkpoint file."""
+    """A frozen, eval-mode teacher: a module as given, or a model spec (``clipkit.models.specs``)
+    naming a clipkit DualEncoder: a run folder, a checkpoint, a recipe or a module:function."""
     if teacher is None:
         return None
     if isinstance(teacher, (str, Path)):
-        from clipkit.training.load import load_trained  # the library's trainer side, loaded on demand
-
-        teacher, _, _ = load_trained(teacher)
+        teacher = _teacher_from_spec(str(teacher))
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be a run folder, a checkpoint file or an nn.Module, got {teacher!r}")
     for p in teacher.parameters():
@@ -32,10 +31,26 @@ def load_teacher(teacher: str | Path | nn.Module | None) -> nn.Module | None:
     return teacher.eval()
 
 
+def _teacher_from_spec(spec: str) -> nn.Module:
+    from clipkit.models.specs import dual_encoder_of, load_model, spec_kind
+
+    model = load_model(spec)
+    dual = dual_encoder_of(model)
+    if dual is None:
+        raise ClipkitError(
+            f"distillation teacher '{spec}' is a {spec_kind(spec)} model, not a clipkit DualEncoder: the "
+            "teacher embeds the student's batch (its image tensors and token ids) and returns the "
+            "DualEncoder's outputs, so give a run folder, a checkpoint, a recipe .yaml or a "
+            "module:function returning a DualEncoder"
+        )
+    return dual
+
+
 class TeacherLoss(nn.Module):
     """The teacher's handling shared by ``distill_kl`` and ``dclip``.
 
-    ``teacher``: a clipkit run folder or checkpoint (``clipkit.training.load.load_trained``),
+    ``teacher``: a model spec naming a clipkit DualEncoder (``clipkit.models.specs``: a run
+    folder, a checkpoint, a recipe or a module:function),
     an in-memory module with the DualEncoder contract, or ``None``, in which case the
     teacher's outputs must come in ``out["teacher_image_emb"], out["teacher_text_emb"]``
     (and ``out["teacher_logit_scale"]`` for ``distill_kl``). The teacher embeds the same

@@ -39,7 +39,7 @@ class MultiViewInfoNceLoss(nn.Module):
     Tiling: no tiled version yet (memory O(N^2)). The maths allows one: the energy is the
     row and column logsumexps of ``clipkit.losses.tiled.softmax_xent``; the positives are
     logsumexps over each instance's own pairs, O(sum of squared group sizes) from an index
-    list. Gradient caching (``clipkit.training.gradcache``) works as for any loss.
+    list. Gradient caching (``train.grad_cache_micro_batch``) works as for any loss.
     """
 
     def __init__(self, group_key: str = "idx"):

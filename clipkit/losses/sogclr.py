@@ -112,7 +112,7 @@ class SogClrLoss(GlobalContrastiveBase):
     Tiling: no tiled version yet (memory O(N^2)). The maths allows one: ``g_i`` and the
     surrogate's weights are row sums of ``exp(d_ij / tau_i)``, which needs a per-row scale
     in the kernel of ``clipkit.losses.tiled``. Gradient caching
-    (``clipkit.training.gradcache``) works: the loss, and its state update, runs once per
+    (``train.grad_cache_micro_batch``) works: the loss, and its state update, runs once per
     step over the whole batch.
     """
 

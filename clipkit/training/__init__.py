@@ -1,10 +1,12 @@
 """Training: the loop and its parts, one concern per module.
 
 - ``loop``           ``train(cfg) -> run folder``: setup, steps, logging, checkpoints, resume
-- ``stream``         full micro-batches epoch after epoch until the sample budget
+- ``stream``         full micro-batches epoch after epoch until the sample budget; ``split_inputs``
+- ``run_state``      what a checkpoint holds, and restoring a run from it
+- ``report``         the plan printed at start, the metrics rows
 - ``optim``          AdamW parameter groups (tower lr multipliers, no decay on 1-D / logit params)
 - ``schedule``       linear warmup + cosine decay as a ``LambdaLR``
-- ``checkpoint``     atomic save, sidecar-verified ``latest``, clear load errors, RNG state
+- ``checkpoint``     atomic save, pruning, RNG state (reading lives in ``clipkit.models.checkpoints``)
 - ``feature_cache``  locked-tower features computed once and memory-mapped from disk
 - ``metrics``        metrics.csv, TensorBoard, curves.png
 

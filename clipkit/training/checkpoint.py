@@ -1,4 +1,4 @@
-"""Checkpoints of a run folder: atomic save, verified ``latest``, clear errors on load.
+"""Writing checkpoints of a run folder: atomic save, pruning, RNG state; reading is in models.
 
 Layout: ``<run_dir>/checkpoints/step_00000100.pt`` plus ``step_00000100.json``, the sidecar
 ``{"file", "size", "sha256", "step", "samples_seen"}``. The ``.pt`` is written to a temporary
@@ -7,8 +7,10 @@ the same way *after* it. So a checkpoint counts only once its sidecar exists and
 run killed while saving leaves either a stray temporary file or a ``.pt`` without sidecar, and
 ``latest()`` skips both (with a warning) in favour of the previous good one.
 
-The state is a plain dict (see ``clipkit.training.loop.checkpoint_state``); it holds only
+The state is a plain dict (see ``clipkit.training.run_state.checkpoint_state``); it holds only
 tensors, numbers, strings, lists and dicts, so it loads with ``torch.load(weights_only=True)``.
+Reading (``latest``, ``load``, ``load_model_state``, ...) lives in ``clipkit.models.checkpoints``
+(evaluation, indexing and distillation read checkpoints too) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -17,11 +19,7 @@ import errno
 import hashlib
 import json
 import os
-import pickle
 import random
-import re
-import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +28,39 @@ import torch
 from torch import nn
 
 from clipkit.data.atomic import atomic_open, atomic_write_text
-from clipkit.errors import ClipkitError
+from clipkit.models.checkpoints import (
+    STEP_RE,
+    CheckpointError,
+    checkpoint_dir,
+    latest,
+    list_checkpoints,
+    load,
+    load_model_state,
+    problem,
+    resolve_checkpoint,
+    sidecar_path,
+)
 
-STEP_RE = re.compile(r"^step_(\d{8,})\.pt$")
-
-
-class CheckpointError(ClipkitError):
-    """A checkpoint that cannot be used: truncated, corrupt, or from another architecture."""
+__all__ = [
+    "STEP_RE",
+    "CheckpointError",
+    "capture_rng",
+    "checkpoint_dir",
+    "checkpoint_path",
+    "estimated_size",
+    "latest",
+    "list_checkpoints",
+    "load",
+    "load_model_state",
+    "problem",
+    "prune",
+    "remove_temporaries",
+    "resolve_checkpoint",
+    "restore_rng",
+    "save",
+    "sidecar_path",
+    "write_in_progress",
+]
 
 
 class _HashingWriter:
@@ -54,25 +78,8 @@ class _HashingWriter:
         self.f.flush()
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
-
-
-def sidecar_path(ckpt: Path) -> Path:
-    return ckpt.with_suffix(".json")
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint files of the run, oldest step first (sidecars not checked)."""
-    folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if STEP_RE.match(p.name)]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
 def save(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
@@ -118,48 +125,6 @@ def estimated_size(model: nn.Module) -> int:
     return total + sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
 
 
-def _file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
-def problem(ckpt: Path, check_hash: bool = True) -> str | None:
-    """Why ``ckpt`` cannot be trusted (missing/unreadable sidecar, size or hash mismatch), or None."""
-    side = sidecar_path(ckpt)
-    if not side.is_file():
-        return "has no sidecar .json (the run was probably killed while saving it)"
-    try:
-        meta = json.loads(side.read_text())
-        size, sha = int(meta["size"]), str(meta["sha256"])
-    except (ValueError, KeyError, TypeError) as err:
-        return f"has an unreadable sidecar {side.name} ({err})"
-    actual = ckpt.stat().st_size
-    if actual != size:
-        return f"is truncated: {actual} bytes, its sidecar says {size}"
-    if check_hash and _file_sha256(ckpt) != sha:
-        return "is corrupt: its sha256 differs from the sidecar's"
-    return None
-
-
-def latest(run_dir: str | Path) -> Path | None:
-    """Newest checkpoint whose sidecar matches (size and sha256); bad ones are skipped with a warning."""
-    skipped: list[str] = []
-    found = None
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        why = problem(ckpt)
-        if why is None:
-            found = ckpt
-            break
-        skipped.append(f"{ckpt} {why}")
-    fallback = f"falling back to {found}" if found else "no good checkpoint is left"
-    for line in skipped:
-        warnings.warn(f"skipping checkpoint {line}; {fallback}", stacklevel=2)
-    return found
-
-
 def remove_temporaries(run_dir: str | Path) -> list[str]:
     """Delete the temporary files of checkpoint writes that a killed run left; returns their names.
 
@@ -195,63 +160,6 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
             break
         sidecar_path(ckpt).unlink(missing_ok=True)  # sidecar first: a lone .pt is never "good"
         ckpt.unlink(missing_ok=True)
-
-
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint; a truncated or corrupt file raises ``CheckpointError`` saying so."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    side = sidecar_path(path)
-    if side.is_file():
-        why = problem(path, check_hash=False)
-        if why is not None:
-            raise CheckpointError(f"checkpoint {path} {why}; {_advice()}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): the file is truncated or "
-            f"corrupt ({type(err).__name__}: {first}); {_advice()}"
-        ) from err
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is not a clipkit checkpoint (no 'model' entry)")
-    return state
-
-
-def _advice() -> str:
-    return "train.resume=latest falls back to the newest good checkpoint; or delete this file"
-
-
-def load_model_state(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, config: dict
-) -> None:
-    """``model.load_state_dict`` that names what differs when the checkpoint is another architecture."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", shapes)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
-        m = config.get("model", {})
-        was = ", ".join(
-            f"model.{k}={m.get(k, {}).get('name') if k in ('vision', 'text') else m.get(k)!r}"
-            for k in ("vision", "text", "embed_dim", "projection")
-        )
-        raise CheckpointError(
-            f"checkpoint {source} does not fit this model: {'; '.join(parts)} keys. It comes from another "
-            f"architecture: check model.vision.name, model.text.name, model.embed_dim, model.projection and "
-            f"model.init_logit_bias against the checkpoint's config ({was})"
-        )
-    model.load_state_dict(state_dict)
 
 
 def capture_rng() -> dict[str, Any]:

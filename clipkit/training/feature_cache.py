@@ -43,6 +43,7 @@ from clipkit.data.tario import iter_samples
 from clipkit.data.urls import expand_urls, is_local
 from clipkit.errors import ClipkitError
 from clipkit.models.inference import bulk_inference
+from clipkit.training.stream import split_inputs
 
 CACHE_DIRNAME = "_clipkit_cache"
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -197,13 +198,14 @@ def _compute(
     try:
         with torch.inference_mode(), bulk_inference(model.vision, precision) as prep:
             for batch in loader:
-                pick = [i for i, k in enumerate(batch["key"]) if k in wanted and k not in found]
+                inputs, meta = split_inputs(batch)  # the keys find the rows; only images reach the tower
+                pick = [i for i, k in enumerate(meta.keys) if k in wanted and k not in found]
                 if not pick:
                     continue
-                images = prep(batch["image"][pick].to(device, non_blocking=True))  # (b, 3, H, W)
+                images = prep(inputs["image"][pick].to(device, non_blocking=True))  # (b, 3, H, W)
                 feats = model.tower_features(images).float().cpu().numpy()  # (b, F)
                 for row, i in enumerate(pick):
-                    found[batch["key"][i]] = feats[row]
+                    found[meta.keys[i]] = feats[row]
                 bar.update(len(pick))
     finally:
         model.train(was_training)

@@ -49,7 +49,8 @@ def batch_size(batch: dict[str, Any]) -> int:
 
 def split_batch(batch: dict[str, Any], micro_batch: int) -> list[dict[str, Any]]:
     """Consecutive slices of at most ``micro_batch`` samples (tensors and lists of the batch's
-    length are cut on dim 0; anything else, e.g. ``"skipped"``, is kept whole in every slice)."""
+    length are cut on dim 0; anything else, e.g. a 0-dim tensor, is kept whole in every slice).
+    ``batch`` is the model inputs (``clipkit.training.stream.split_inputs``)."""
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
     n = batch_size(batch)

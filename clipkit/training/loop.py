@@ -14,7 +14,11 @@ a row the run stops, keeping its last good checkpoint); SIGTERM / SIGINT checkpo
 end of the step, then raise ``Interrupted`` (exit code 128 + signal in the CLI).
 
 How the sample budget maps to steps and epochs, and what resume restores, is in
-``clipkit.training.stream``; the checkpoint format in ``clipkit.training.checkpoint``.
+``clipkit.training.stream``; what a checkpoint holds in ``clipkit.training.run_state``, its
+format in ``clipkit.training.checkpoint``; the plan and metrics rows in ``clipkit.training.report``.
+Each loader batch is split (``stream.split_inputs``) into the model inputs, which alone reach
+the model and the loss, and its bookkeeping (keys, epoch), which the sample log and the
+sample count read.
 Gradient accumulation is plain: each micro-batch is its own contrastive batch (negatives
 within the micro-batch), its loss divided by the number of micro-batches of the step.
 """
@@ -34,12 +38,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from tqdm import tqdm
 
-from clipkit.config import Config, save_config, to_dict
-from clipkit.data import SkipStats, build_loader
+from clipkit.config import Config, save_config
+from clipkit.data import build_loader
 from clipkit.errors import ClipkitError
 from clipkit.losses import build_loss
 from clipkit.losses.stats import embedding_stats
@@ -48,7 +52,9 @@ from clipkit.training import checkpoint as ckpt
 from clipkit.training.feature_cache import FeatureCache, build_feature_cache, why_not_cached
 from clipkit.training.gradcache import grad_cache_step
 from clipkit.training.metrics import MetricsLog, plot_curves
-from clipkit.training.optim import build_optimizer, format_summary, group_summary
+from clipkit.training.optim import build_optimizer
+from clipkit.training.report import add_to_window, log, plan_text, reset_window, skip_totals
+from clipkit.training.run_state import checkpoint_state, restore
 from clipkit.training.safety import (
     GracefulStop,
     Interrupted,
@@ -59,7 +65,7 @@ from clipkit.training.safety import (
 )
 from clipkit.training.sample_log import SampleLog
 from clipkit.training.schedule import build_scheduler
-from clipkit.training.stream import TrainStream, steps_for, trim
+from clipkit.training.stream import BatchMeta, TrainStream, split_inputs, steps_for, trim
 
 
 @dataclass
@@ -202,49 +208,6 @@ def make_stream(cfg: Config, model: nn.Module, acc: Accelerator, cache: FeatureC
     return TrainStream(loader, cfg.data.batch_size, cfg.train.seed, all_ranks_have=all_ranks_have)
 
 
-def restore(run: Run, state: dict[str, Any]) -> None:
-    """Put a checkpoint's state into the (not yet prepared) optimizer, schedule, loss and counters."""
-    try:
-        run.optimizer.load_state_dict(state["optimizer"])
-    except ValueError as err:
-        raise ClipkitError(
-            f"checkpoint {run.resumed_from}: the optimizer state does not fit ({err}); the trainable "
-            "parameters differ, check model.<tower>.locked / unlocked_layers against the checkpoint's config"
-        ) from err
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.loss_fn.load_state_dict(state["loss"])
-    run.step = run.last_saved = int(state["step"])
-    run.samples_seen = int(state["samples_seen"])
-    run.nonfinite.total = int(state.get("nonfinite", 0))
-    streams = state.get("stream") or []
-    mine = streams[run.acc.process_index] if run.acc.process_index < len(streams) else {}
-    if mine.get("positions") is not None:  # exact: each worker goes on where it was
-        run.stream.load_state_dict(mine)
-    else:  # no positions (an older checkpoint, a hard-negative pass): reseed with (seed, epoch, step)
-        run.stream.epoch, run.stream.start_step = int(state["epoch"]), run.step
-        if run.acc.is_main_process:
-            print(
-                f"note: the checkpoint holds no exact data-stream position; epoch {run.stream.epoch} restarts reseeded"
-            )
-    run.stream.skip.by_kind.update(state.get("skipped", {}))
-    run.stream.skip.seen = int(state.get("skip_seen", 0))
-    run.stream.dropped = int(state.get("dropped", 0))
-    changed = _config_changes(state.get("config", {}), to_dict(run.cfg))
-    if changed and run.acc.is_main_process:
-        print(f"note: config differs from the checkpoint's in {', '.join(changed)} (the current one is used)")
-
-
-def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and key != "args":
-            out += _config_changes(a, b, f"{prefix}{key}.")
-        elif a != b and f"{prefix}{key}" != "train.resume":
-            out.append(f"{prefix}{key}")
-    return out
-
-
 def setup(cfg: Config) -> Run:
     check_train_config(cfg)
     if cfg.train.threads:
@@ -298,46 +261,6 @@ def setup(cfg: Config) -> Run:
     return run
 
 
-def plan_text(run: Run) -> str:
-    cfg, acc = run.cfg, run.acc
-    last = run.budget - (run.total_steps - 1) * run.per_step
-    start = f"resuming {run.resumed_from} at step {run.step}" if run.resumed_from else "fresh"
-    lines = [
-        f"clipkit train: {run.run_dir} ({start})",
-        (
-            f"  device {acc.device}, {acc.num_processes} process(es), {torch.get_num_threads()} torch thread(s), "
-            f"precision {cfg.train.precision}"
-        ),
-        (
-            f"  budget {run.budget:,} samples = {run.total_steps:,} steps of {run.per_step:,} "
-            f"(batch {cfg.data.batch_size} x accum {cfg.optim.accum_steps} x {acc.num_processes} rank(s)); "
-            f"last step {last:,} samples"
-            + (
-                f"; train.samples rounded up to a multiple of {acc.num_processes} ranks"
-                if run.budget != cfg.train.samples
-                else ""
-            )
-        ),
-        (
-            f"  checkpoints every {cfg.train.checkpoint_every} steps (keep {cfg.train.keep_last}), "
-            f"metrics every {cfg.train.log_every} steps"
-        ),
-        f"  feature cache: {run.cache_note}",
-        *(
-            f"  {name} tower {t['spec']}: {t['trainable_params']:,} of {t['params']:,} params trainable"
-            + (
-                f", locked with the top {t['unlocked_layers']} of {t['layers']} layers unlocked"
-                if t["locked"]
-                else ""
-            )
-            for name, t in acc.unwrap_model(run.model).locked_state().items()
-        ),
-        "  trainable parameters:",
-        format_summary(group_summary(run.optimizer)),
-    ]
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------- one step
 
 
@@ -345,18 +268,16 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def next_micro_batches(run: Run) -> list[dict[str, Any]]:
-    """This rank's micro-batches of the next step; the last step's are cut to the budget.
-
-    Each carries ``"epoch"`` (the pass it came from) for the sample log.
-    """
+def next_micro_batches(run: Run) -> list[tuple[dict[str, Any], BatchMeta]]:
+    """This rank's micro-batches of the next step, each as (model inputs, bookkeeping: keys and
+    the pass it came from); the last step's are cut to the budget."""
     world, size = run.acc.num_processes, run.cfg.data.batch_size
     left = run.budget - run.samples_seen
     micro = []
     while len(micro) < run.cfg.optim.accum_steps and left > 0:
         batch = run.stream.next_batch(run.step)
         take = min(size, left // world)
-        micro.append({**(batch if take == size else trim(batch, take)), "epoch": run.stream.epoch})
+        micro.append(split_inputs(batch if take == size else trim(batch, take), epoch=run.stream.epoch))
         left -= take * world
     return micro
 
@@ -370,7 +291,8 @@ def all_ranks_agree(run: Run, flag: bool) -> bool:
 
 
 def train_step(run: Run, micro: list[dict[str, Any]], with_stats: bool) -> dict[str, float]:
-    """Forward/backward over the micro-batches, clip, AdamW step, schedule step; returns scalars."""
+    """Forward/backward over the micro-batches (their model inputs only, ``split_inputs``),
+    clip, AdamW step, schedule step; returns scalars."""
     acc, model = run.acc, run.model
     model.train()
     sums: dict[str, float] = {}
@@ -421,84 +343,7 @@ def _every(n: int, step: int) -> bool:
     return n > 0 and step % n == 0
 
 
-def skip_totals(run: Run) -> tuple[SkipStats, int]:
-    """Skipped-sample counts and dropped short-batch samples summed over ranks (a collective)."""
-    local = (dict(run.stream.skip.by_kind), run.stream.skip.seen, run.stream.dropped)
-    parts = gather_object([local]) if run.acc.num_processes > 1 else [local]
-    total, dropped = SkipStats(), 0
-    for by_kind, seen, drop in parts:
-        total.by_kind.update(by_kind)
-        total.seen += seen
-        dropped += drop
-    return total, dropped
-
-
-def log(run: Run, last: dict[str, float]) -> None:
-    """One metrics row (means over the steps since the previous row) to metrics.csv and TensorBoard."""
-    skips, dropped = skip_totals(run)
-    if run.metrics is None:
-        return
-    w = run.window
-    elapsed = time.perf_counter() - w["t0"]
-    lr = run.cfg.optim.lr * run.scheduler.get_last_lr()[0] / run.scheduler.base_lrs[0]
-    row: dict[str, Any] = {
-        "step": run.step,
-        "samples_seen": run.samples_seen,
-        "epoch": run.stream.epoch,
-        "lr": lr,
-    }
-    row.update({k: v / max(w["steps"], 1) for k, v in w["sums"].items()})  # finite steps only
-    row.update({k: v for k, v in last.items() if k not in w["sums"]})  # scale, bias, stats
-    row["samples_per_s"] = w["samples"] / max(elapsed, 1e-9)
-    row["skipped_total"] = skips.total
-    row["skipped"] = ";".join(f"{k}={v}" for k, v in sorted(skips.by_kind.items()))
-    row["dropped_short_batches"] = dropped
-    row["nonfinite_steps"] = run.nonfinite.total
-    run.metrics.write(row)
-
-
-def reset_window(run: Run) -> None:
-    run.window = {"t0": time.perf_counter(), "samples": 0, "steps": 0, "sums": {}}
-
-
-def add_to_window(run: Run, result: dict[str, float], samples: int) -> None:
-    w = run.window
-    w["samples"] += samples
-    if result["nonfinite"]:
-        return  # a skipped step's NaN would hide the other steps' mean
-    w["steps"] += 1
-    for k, v in result.items():
-        if k == "loss" or k.startswith("loss_"):
-            w["sums"][k] = w["sums"].get(k, 0.0) + v
-
-
 # ---------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_state(run: Run) -> dict[str, Any]:
-    """Everything a resume needs (see ``clipkit.training.checkpoint``)."""
-    model = run.acc.unwrap_model(run.model)
-    rngs = gather_object([ckpt.capture_rng()]) if run.acc.num_processes > 1 else [ckpt.capture_rng()]
-    stream = run.stream.state_dict()
-    streams = gather_object([stream]) if run.acc.num_processes > 1 else [stream]
-    return {
-        "model": model.state_dict(),  # full: a checkpoint alone rebuilds the model
-        # Trainable subset (shares storage with "model": costs no bytes in the file).
-        "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "loss": run.loss_fn.state_dict(),
-        "step": run.step,
-        "samples_seen": run.samples_seen,
-        "epoch": run.stream.epoch,
-        "skipped": dict(run.stream.skip.by_kind),
-        "skip_seen": run.stream.skip.seen,
-        "dropped": run.stream.dropped,
-        "nonfinite": run.nonfinite.total,
-        "rng": rngs,  # one entry per rank
-        "stream": streams,  # one entry per rank: each worker's position (exact resume)
-        "config": to_dict(run.cfg),
-    }
 
 
 def save_checkpoint(run: Run) -> None:
@@ -550,14 +395,14 @@ def fit(run: Run) -> None:
     with watchdog, run.stop.installed():
         while run.samples_seen < run.budget:
             micro = next_micro_batches(run)
-            samples = sum(len(b["key"]) for b in micro) * run.acc.num_processes
+            samples = sum(len(meta) for _, meta in micro) * run.acc.num_processes
             done = run.samples_seen + samples >= run.budget
             log_now = _every(cfg.train.log_every, run.step + 1) or done
-            result = train_step(run, micro, with_stats=log_now)
+            result = train_step(run, [inputs for inputs, _ in micro], with_stats=log_now)
             run.step += 1
             run.samples_seen += samples
             if run.sample_log is not None:
-                run.sample_log.write(run.step, [(b["epoch"], b["idx"].tolist()) for b in micro])
+                run.sample_log.write(run.step, [(meta.epoch, x["idx"].tolist()) for x, meta in micro])
             add_to_window(run, result, samples)
             note = run.nonfinite.count(run.step, result, lambda: ckpt.latest(run.run_dir))
             if note and run.acc.is_main_process:

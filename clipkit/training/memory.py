@@ -103,11 +103,7 @@ def _autocast(precision: str, device: torch.device):
 def synthetic_batch(model: nn.Module, cfg: Config, n: int, cached: bool, device: torch.device) -> dict:
     """A batch of ``n`` random images (or cached-feature rows) and tokenized captions."""
     text = model.tokenize(["a small red cat sitting on a wooden table"] * n).to(device)
-    batch: dict[str, Any] = {
-        "text": text,
-        "idx": torch.arange(n, device=device),
-        "key": [str(i) for i in range(n)],
-    }
+    batch: dict[str, Any] = {"text": text, "idx": torch.arange(n, device=device)}  # model inputs only
     if cached:
         batch["image_features"] = torch.randn(n, model.vision.out_dim, device=device)
     else:

@@ -13,8 +13,14 @@ Training length is a budget of samples (``train.samples``), not a number of epoc
 - Each pass is seeded with ``stream_seed(train.seed, epoch, step the pass started at)``; the
   shard order, each (rank, worker)'s shards and its sample shuffle follow from that seed.
 
+Model inputs and bookkeeping. A loader batch is one dict; the stream reads its bookkeeping
+(``"skipped"`` into ``skip``, ``"stream"`` into the resume state, ``"key"`` for the batch
+size), and ``split_inputs`` parts what the loop takes from it into the model inputs
+(``MODEL_INPUTS``), the only keys that reach the model and the loss, and a ``BatchMeta``
+beside them (keys, epoch, skips) for the sample log and the sample count.
+
 Exact resume. Every batch carries its worker's position after it (``"stream"``, see
-``clipkit.data.pipeline``: shard being read, samples of it consumed, the shuffle buffer's
+``clipkit.data.resume``: shard being read, samples of it consumed, the shuffle buffer's
 samples by (shard, number) and its RNG state). ``state_dict()`` keeps the last position of
 every worker of the pass, the worker whose batch comes next (batches arrive round-robin from
 the workers), the rank's shard list and the pass seed's inputs. A resumed run reopens the
@@ -32,10 +38,12 @@ import hashlib
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from clipkit.data.assign import worker_shards
 from clipkit.data.stats import SkipStats
 from clipkit.errors import ClipkitError
 
@@ -52,6 +60,45 @@ def stream_seed(seed: int, epoch: int, start_step: int) -> int:
 def steps_for(samples: int, per_step: int) -> int:
     """Optimizer steps needed for a budget of ``samples`` with ``per_step`` samples each (last one cut)."""
     return -(-samples // per_step)
+
+
+MODEL_INPUTS = ("image", "image_features", "text", "idx")  # what the model and the loss may read
+BOOKKEEPING = ("key", "skipped", "epoch", "stream")  # what the loader and the stream add
+
+
+@dataclass
+class BatchMeta:
+    """What travels beside a batch's model inputs: its sample keys, the pass it came from and
+    the samples its worker skipped before it (already counted by the stream)."""
+
+    keys: list[str]
+    epoch: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def split_inputs(batch: dict[str, Any], epoch: int | None = None) -> tuple[dict[str, Any], BatchMeta]:
+    """A loader batch -> ``(model inputs, bookkeeping)``; the only place the two part.
+
+    The inputs hold only ``MODEL_INPUTS`` (``image`` or ``image_features``, ``text``, ``idx``),
+    which is all that may reach the model and the loss. ``epoch`` defaults to the batch's own
+    ``"epoch"`` (0 when it has none). A key that is neither raises: nothing rides along unseen.
+    """
+    unknown = sorted(set(batch) - set(MODEL_INPUTS) - set(BOOKKEEPING))
+    if unknown:
+        raise ValueError(
+            f"batch key(s) {', '.join(map(repr, unknown))} are neither model inputs "
+            f"({', '.join(MODEL_INPUTS)}) nor loader bookkeeping ({', '.join(BOOKKEEPING)})"
+        )
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    meta = BatchMeta(
+        keys=list(batch.get("key", [])),
+        epoch=int(batch.get("epoch", 0) if epoch is None else epoch),
+        skipped=dict(batch.get("skipped", {})),
+    )
+    return inputs, meta
 
 
 def trim(batch: dict[str, Any], n: int) -> dict[str, Any]:
@@ -192,7 +239,8 @@ class TrainStream:
             if n > 1 or getattr(loader, "num_workers", 0)
             else "the loader (in this process)"
         )
-        progress, shards = getattr(loader, "progress", None), list(getattr(loader, "shards", []))[w::n]
+        progress = getattr(loader, "progress", None)
+        shards = worker_shards(list(getattr(loader, "shards", [])), w, n)
         if progress is None:
             return who
         shard, sample = int(progress[2 * w]), int(progress[2 * w + 1])

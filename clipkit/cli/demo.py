@@ -1,4 +1,4 @@
-"""The embedded default job: real data, a LiT model trained on the CPU, before/after scores.
+"""The job behind ``clipkit demo``: real data, a LiT model trained on the CPU, before/after scores.
 
 1. Build the emoji shards (twemoji images + names) and the Animal-MNIST zero-shot set.
 2. Score the untrained model: pretrained towers, freshly initialised projections.
@@ -6,7 +6,8 @@
 4. Score the trained model and print one before/after table; JSON goes to the run folder.
 
 The image tower is locked, so the eval sets go through it once (``evaluation.cached``) and
-both states of the model are scored from the same features.
+both states of the model are scored from the same features. Application code: it lives in the
+CLI layer because it imports the builders in ``data_tools/``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from clipkit.config import Config, load_config
 from clipkit.errors import ClipkitError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "train" / "lit_emoji.yaml"
 
 
@@ -65,9 +66,9 @@ def build_data(data_root: Path) -> tuple[Path, Path]:
 def score(
     model: torch.nn.Module, zeroshot: Any, retrieval: Any, batch_size: int
 ) -> dict[str, dict[str, float]]:
-    from clipkit.evaluation.cached import ProjectedModel
     from clipkit.evaluation.retrieval import evaluate_retrieval
     from clipkit.evaluation.zeroshot import evaluate_zeroshot
+    from clipkit.models.embed import ProjectedModel
 
     projected = ProjectedModel(model)
     return {
@@ -109,7 +110,7 @@ def run_demo(overrides: list[str], data_root: Path, zeroshot_per_class: int) -> 
     from clipkit.evaluation.datasets import ClipBenchmarkWds
     from clipkit.evaluation.report import format_table
     from clipkit.models import build_model
-    from clipkit.training.load import load_trained
+    from clipkit.models.load import load_trained
     from clipkit.training.loop import seed_everything, train
 
     if not RECIPE.is_file():

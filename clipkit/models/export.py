@@ -1,6 +1,6 @@
-"""Export a clipkit model as an open_clip model, so any open_clip-based tool can evaluate it.
+"""Export any model spec as an open_clip model, so any open_clip-based tool can evaluate it.
 
-``export_open_clip(spec, out)`` writes::
+``export_open_clip(spec, out)`` loads ``spec`` through ``clipkit.models.specs`` and writes::
 
     <out>/open_clip_config.json      {"model_cfg": ..., "preprocess_cfg": ...} (open_clip's local-dir layout)
     <out>/open_clip_model.safetensors the weights, in open_clip's parameter names
@@ -8,15 +8,24 @@
     <out>/config.json, tokenizer*     an hf text tower's config and tokenizer (not its weights)
     <out>/README.md                  how to load it
 
-and then loads it back with open_clip and checks that it embeds images and texts as the
-clipkit model does. Load it with either of::
+and then loads it back with open_clip and checks that it preprocesses, tokenizes and embeds
+images and texts as the loaded model does. Load it with either of::
 
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:<out>")
     open_clip.add_model_config("<out>/<name>.json")
     model, _, preprocess = open_clip.create_model_and_transforms(
         "<name>", pretrained="<out>/open_clip_model.safetensors", image_mean=..., image_std=...)
 
-Mappings (clipkit -> open_clip):
+By spec kind:
+
+- a clipkit ``DualEncoder`` (run folder, checkpoint, recipe, or a ``module:function`` factory
+  returning one): the mappings below;
+- ``open_clip:``: the loaded model's own config, preprocessing and weights;
+- ``hf-clip:``: a ``CLIPModel`` / ``SiglipModel`` converted by ``clipkit.models.convert_hf``;
+- anything else (a factory returning another kind of object) has no open_clip form and is
+  refused with the reason.
+
+DualEncoder mappings (clipkit -> open_clip):
 
 - ``timm:<arch>`` vision + linear projection -> ``vision_cfg.timm_model_name`` with
   ``timm_pool`` = the trunk's pooling and ``timm_proj: linear`` (``vision.model.*`` ->
@@ -46,6 +55,8 @@ from torch import Tensor, nn
 
 from clipkit.data.atomic import atomic_write_bytes, atomic_write_text
 from clipkit.errors import ClipkitError
+from clipkit.models.adapters import EvalModel, HFClipModel, OpenClipModel
+from clipkit.models.specs import dual_encoder_of, load_model, safe_name, spec_kind
 
 HF_FILES = (
     "config.json",
@@ -68,6 +79,12 @@ def _prefixed(sd: dict[str, Tensor], old: str, new: str) -> dict[str, Tensor]:
     return {new + k[len(old) :]: v for k, v in sd.items() if k.startswith(old)}
 
 
+def _projection(model: nn.Module) -> str:
+    """The ``model.projection`` a DualEncoder was built with, read from its heads."""
+    head = model.text_proj
+    return "none" if isinstance(head, nn.Identity) else "linear" if isinstance(head, nn.Linear) else "mlp"
+
+
 def _timm_pool(trunk: nn.Module) -> str:
     pool = getattr(trunk, "global_pool", "avg")
     return str(getattr(pool, "pool_type", pool) or "avg")
@@ -84,20 +101,20 @@ def _copy_hf_dir(src: Path, dst: Path, pad_id: int) -> Path:
     return dst.resolve()
 
 
-def _timm_hf_mapping(model: nn.Module, cfg: Any, out: Path) -> tuple[dict, dict, dict[str, Tensor]]:
+def _timm_hf_mapping(model: nn.Module, out: Path) -> tuple[dict, dict, dict[str, Tensor]]:
     from clipkit.models.towers_hf import resolve_hf_dir
 
-    vision, text = model.vision, model.text
-    if cfg.projection != "linear":
+    vision, text, projection = model.vision, model.text, _projection(model)
+    if projection != "linear":
         raise ExportError(
-            f"projection '{cfg.projection}' has no open_clip equivalent for an hf text tower "
+            f"projection '{projection}' has no open_clip equivalent for an hf text tower "
             "(open_clip's hf 'mlp' head has no biases and another width); only 'linear' exports"
         )
     # The export folder doubles as the text tower's HF folder: open_clip's local-dir loader
     # reads the tokenizer from the model folder itself.
     hf_dir = _copy_hf_dir(resolve_hf_dir(text.spec.removeprefix("hf:")), out, text.pad_token_id)
     model_cfg = {
-        "embed_dim": cfg.embed_dim,
+        "embed_dim": model.embed_dim,
         "vision_cfg": {
             "timm_model_name": vision.spec.removeprefix("timm:"),
             "timm_model_pretrained": False,
@@ -131,18 +148,19 @@ def _timm_hf_mapping(model: nn.Module, cfg: Any, out: Path) -> tuple[dict, dict,
     return model_cfg, preprocess, state
 
 
-def _open_clip_mapping(model: nn.Module, cfg: Any) -> tuple[dict, dict, dict[str, Tensor]]:
+def _open_clip_mapping(model: nn.Module) -> tuple[dict, dict, dict[str, Tensor]]:
     import open_clip
 
     arch = model.vision.spec.removeprefix("open_clip:")
-    if model.text.spec != model.vision.spec or cfg.projection != "none":
+    if model.text.spec != model.vision.spec or _projection(model) != "none":
         raise ExportError(
             "an open_clip model exports when both towers are the same open_clip config with "
             f"projection 'none'; this one has {model.vision.spec} / {model.text.spec}, projection "
-            f"'{cfg.projection}'"
+            f"'{_projection(model)}'"
         )
     model_cfg = open_clip.get_model_config(arch)
-    model_cfg["vision_cfg"]["image_size"] = cfg.vision.image_size
+    size = model.vision.preprocess["size"]  # open_clip's visual.image_size: int or (H, W)
+    model_cfg["vision_cfg"]["image_size"] = size if isinstance(size, int) or len(set(size)) > 1 else size[0]
     model_cfg["text_cfg"]["context_length"] = model.text.tokenizer.context_length
     sd = model.state_dict()
     state = _prefixed(sd, "vision.model.", "visual.")
@@ -153,9 +171,16 @@ def _open_clip_mapping(model: nn.Module, cfg: Any) -> tuple[dict, dict, dict[str
     return model_cfg, dict(model.vision.preprocess), state
 
 
-def _check_roundtrip(model: nn.Module, out: Path, atol: float) -> float:
-    """Load the export with open_clip; check its preprocessing and tokens are clipkit's; return
-    the max |difference| of image and text embeddings."""
+def _pixel_tolerance(model: EvalModel, preprocess_cfg: dict[str, Any]) -> float:
+    """0 (exact) but for a Hugging Face source: its image processor resizes in its own code and
+    open_clip through torchvision, so a resized pixel may round to the neighbouring intensity
+    level (1/255 before normalisation), nothing more."""
+    return 1.001 / 255 / min(preprocess_cfg["std"]) if isinstance(model, HFClipModel) else 0.0
+
+
+def _check_roundtrip(model: EvalModel, out: Path, atol: float) -> float:
+    """Load the export with open_clip; check its preprocessing and tokens are the loaded model's;
+    return the max |difference| of image and text embeddings."""
     import open_clip
 
     oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
@@ -164,38 +189,31 @@ def _check_roundtrip(model: nn.Module, out: Path, atol: float) -> float:
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (37, 53, 3), generator=g, dtype=torch.uint8).numpy()
     photo = Image.fromarray(pixels)
-    if not torch.equal(preprocess(photo), model.image_transform(False)(photo)):
-        raise ExportError("the exported preprocessing does not give clipkit's image tensors")
+    got, want = preprocess(photo), model.image_transform(False)(photo)  # (3, H, W) each
+    tol = _pixel_tolerance(model, oc.visual.preprocess_cfg)
+    if got.shape != want.shape or (got - want).abs().max().item() > tol:
+        raise ExportError("the exported preprocessing does not give the model's image tensors")
     images = torch.randn(2, 3, *oc.visual.image_size, generator=g)  # (2, 3, H, W)
     texts = ["a photo of a cat", "an emoji of a smiling face with sunglasses"]
     with torch.inference_mode():
         tokens = model.tokenize(texts)
         if not torch.equal(tokenizer(texts).long(), tokens.long()):
-            raise ExportError("the exported tokenizer does not give clipkit's tokens")
+            raise ExportError("the exported tokenizer does not give the model's tokens")
         diff = max(
             (oc.encode_image(images) - model.encode_image(image=images, normalize=False)).abs().max().item(),
             (oc.encode_text(tokens) - model.encode_text(tokens, normalize=False)).abs().max().item(),
         )
     if diff > atol:
-        raise ExportError(f"the exported model's embeddings differ from clipkit's by {diff:.2e} (> {atol})")
+        raise ExportError(f"the exported model's embeddings differ from the model's by {diff:.2e} (> {atol})")
     return diff
 
 
-def export_open_clip(
-    spec: str, out: str | Path, name: str = "", atol: float = 1e-5, check: bool = True
-) -> dict[str, Any]:
-    """Write the clipkit model ``spec`` (run folder or checkpoint) to ``out`` (module docstring);
-    with ``check``, load it back with open_clip and compare embeddings (``max_abs_diff``)."""
-    from clipkit.training.load import load_trained
-
-    out = Path(out)
-    model, cfg, ckpt = load_trained(spec)
+def _dual_encoder_form(model: nn.Module, out: Path) -> tuple[dict, dict, dict[str, Tensor]]:
     kinds = (model.vision.spec.split(":")[0], model.text.spec.split(":")[0])
-    out.mkdir(parents=True, exist_ok=True)
     if kinds == ("timm", "hf"):
-        model_cfg, preprocess, state = _timm_hf_mapping(model, cfg.model, out)
+        model_cfg, preprocess, state = _timm_hf_mapping(model, out)
     elif kinds == ("open_clip", "open_clip"):
-        model_cfg, preprocess, state = _open_clip_mapping(model, cfg.model)
+        model_cfg, preprocess, state = _open_clip_mapping(model)
     else:
         raise ExportError(
             f"no open_clip form for a {model.vision.spec} image tower with a {model.text.spec} text tower; "
@@ -205,23 +223,69 @@ def export_open_clip(
     if model.logit_bias is not None:
         model_cfg["init_logit_bias"] = float(model.logit_bias.detach())
         state["logit_bias"] = model.logit_bias.detach().clone()
+    return model_cfg, preprocess, state
+
+
+def _open_clip_form(model: OpenClipModel) -> tuple[dict, dict, dict[str, Tensor]]:
+    # The model as open_clip built it: its config, its final preprocessing, its own parameter names.
+    return dict(model.model_cfg), dict(model.clip.visual.preprocess_cfg), dict(model.clip.state_dict())
+
+
+def _hf_form(model: HFClipModel, out: Path) -> tuple[dict, dict, dict[str, Tensor]]:
+    from clipkit.models.convert_hf import hf_to_open_clip, save_hf_tokenizer
+
+    converted = hf_to_open_clip(model.model, model.processor)
+    save_hf_tokenizer(model.tokenizer, out)  # open_clip's local-dir: reads it from the folder
+    return converted
+
+
+def open_clip_form(model: EvalModel, out: Path) -> tuple[dict, dict, dict[str, Tensor]]:
+    """(open_clip model config, preprocess config, state dict in open_clip's names) of a loaded
+    spec; files the config refers to (an hf tokenizer) are written under ``out``."""
+    dual = dual_encoder_of(model)
+    if dual is not None:
+        return _dual_encoder_form(dual, out)
+    if isinstance(model, OpenClipModel):
+        return _open_clip_form(model)
+    if isinstance(model, HFClipModel):
+        return _hf_form(model, out)
+    inner = type(getattr(model, "model", model)).__name__
+    raise ExportError(
+        f"model '{model.spec}' ({spec_kind(model.spec)}) is a {inner}, which has no open_clip form: export "
+        "writes open_clip's config and weights, so it needs a clipkit DualEncoder (a run folder, a "
+        "checkpoint, a recipe, or a module:function returning a DualEncoder), an open_clip: model or an "
+        "hf-clip: model. Evaluate or index this model directly (clipkit eval / clipkit index embed), or "
+        "have its factory return a DualEncoder"
+    )
+
+
+def export_open_clip(
+    spec: str, out: str | Path, name: str = "", atol: float = 1e-5, check: bool = True
+) -> dict[str, Any]:
+    """Write the model ``spec`` (any kind of ``clipkit.models.specs``) to ``out`` (module docstring);
+    with ``check``, load it back with open_clip and compare embeddings (``max_abs_diff``)."""
+    out = Path(out)
+    model = load_model(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg, preprocess, state = open_clip_form(model, out)
     from safetensors.torch import save
 
-    name = name or f"clipkit-{Path(spec).resolve().name}"
+    default = Path(spec).resolve().name if Path(spec).exists() else safe_name(model.name)
+    name = name or f"clipkit-{default}"
     weights = {k: v.detach().contiguous().clone() for k, v in state.items()}
     atomic_write_bytes(out / "open_clip_model.safetensors", save(weights))
     atomic_write_text(out / f"{name}.json", json.dumps(model_cfg, indent=1))
     local = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
     atomic_write_text(out / "open_clip_config.json", json.dumps(local, indent=1))
-    atomic_write_text(out / "README.md", _readme(out, name, preprocess, ckpt))
+    atomic_write_text(out / "README.md", _readme(out, name, preprocess, model.resolved))
     diff = _check_roundtrip(model, out, atol) if check else None
-    return {"out": out, "name": name, "checkpoint": ckpt, "max_abs_diff": diff, "tensors": len(weights)}
+    return {"out": out, "name": name, "source": model.resolved, "max_abs_diff": diff, "tensors": len(weights)}
 
 
-def _readme(out: Path, name: str, pre: dict[str, Any], ckpt: Path) -> str:
-    return f"""# {name}: a clipkit model as an open_clip model
+def _readme(out: Path, name: str, pre: dict[str, Any], source: str) -> str:
+    return f"""# {name}: a model as an open_clip model
 
-Exported by `clipkit export` from `{ckpt}`.
+Exported by `clipkit export` from `{source}`.
 
 ```python
 import open_clip

@@ -1,0 +1,120 @@
+"""``IVF<nlist>,PQ<m>x4fs,Refine(SQfp16)``: inverted lists scanned with 4-bit fast-scan PQ
+codes, then the best ``k * k_factor_rf`` candidates re-ranked with float16 vectors.
+
+Memory per vector: m/2 bytes of fast-scan code + 2d bytes of float16 + an 8-byte id, with
+m = d/2 (2.25d + 8 bytes: about half of IVF-Flat's 4d + 8). The float16 re-rank is
+near-exact, so it reaches targets that IVF-SQ8 cannot (SQ8's rounding flattens recall below
+very high targets), and the fast-scan pass reads a quarter of SQ8's bytes.
+
+It competes within the inverted lists under the same rules as ``ivf``: proposed at every
+size, after the ``ivf`` candidates, with codes finer than SQ8's and coarser than Flat's. So
+the builder tries it where SQ8 missed the target and IVF-Flat does not fit the budget (or
+missed too, which an exhaustive IVF-Flat cannot), and then it reuses SQ8's k-means.
+Search parameters: ``nprobe`` and ``k_factor_rf``, tuned in that order (``tune``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from clipkit.index.families.base import (
+    FAMILIES,
+    Candidate,
+    Family,
+    IndexChoiceError,
+    set_search_params,
+    tune_param,
+)
+from clipkit.index.families.ivf import (
+    PQ_TRAIN_POINTS,
+    TRAIN_PER_LIST,
+    VECTOR_SLACK,
+    ivf_nlist,
+    remember_centroids,
+    setup_ivf,
+)
+
+K_FACTOR = "k_factor_rf"  # FAISS's ParameterSpace name for IndexRefine.k_factor
+K_FACTOR_MAX = 64  # re-rank at most 64 k candidates (640 float16 vectors for k = 10)
+BLOCK = 32  # fast-scan codes are stored in blocks of 32 vectors per list
+KEY_RE = re.compile(r"IVF(\d+),PQ(\d+)x4fs,Refine\(SQfp16\)")
+
+
+@FAMILIES.register("ivf_refine")
+class IVFRefine(Family):
+    structure, order, search_param, shares_training = "ivf", 3, "nprobe", True
+    key_forms = ("IVF<nlist>,PQ<m>x4fs,Refine(SQfp16)",)
+
+    def estimate(self, n: int, d: int, nlist: int, m: int, shard_rows: int) -> Candidate:
+        train = min(n, TRAIN_PER_LIST * nlist)
+        code_bytes = (m + 1) // 2 + 2 * d  # 4-bit codes + float16 vector
+        centroids = nlist * d * 4
+        trained = 16 * d * 4  # m sub-quantizers x 16 centroids x d/m floats
+        # Per list, the last block of codes is half empty on average; ids are not padded.
+        lists = n * ((m + 1) // 2 + 8) + nlist * (BLOCK // 2 * ((m + 1) // 2) + 48)
+        refine = n * 2 * d
+        size = centroids + trained + lists + refine
+        train_peak = train * d * 4 + train * 12 + centroids * 2 + 2 * min(train, PQ_TRAIN_POINTS) * d * 4
+        add_peak = int((lists + refine) * VECTOR_SLACK) + centroids + trained + 2 * shard_rows * d * 4
+        key = f"IVF{nlist},PQ{m}x4fs,Refine(SQfp16)"
+        return Candidate(key, "ivf_refine", "ivf", code_bytes, nlist, train, size, max(train_peak, add_peak))
+
+    def propose(self, n: int, d: int, shard_rows: int) -> list[Candidate]:
+        return [self.estimate(n, d, ivf_nlist(n), d // 2, shard_rows)] if d % 2 == 0 else []
+
+    def parse(self, key: str, n: int, d: int, shard_rows: int) -> Candidate | None:
+        match = KEY_RE.fullmatch(key)
+        if not match:
+            return None
+        m = int(match.group(2))
+        if d % m:
+            raise IndexChoiceError(f"index key {key!r}: PQ{m} needs d={d} divisible by {m}")
+        return self.estimate(n, d, int(match.group(1)), m, shard_rows)
+
+    def new_index(
+        self, cand: Candidate, d: int, draw: Callable[[int], np.ndarray], cache: dict
+    ) -> faiss.Index:
+        index = faiss.index_factory(d, cand.key, faiss.METRIC_INNER_PRODUCT)
+        shared = setup_ivf(index, cand.nlist, cache)  # the coarse quantizer sees the raw vectors
+        if not index.is_trained:
+            index.train(draw(cand.train_rows))
+        remember_centroids(shared, cache)
+        return index
+
+    def tune(self, index: faiss.Index, ev, target: float):
+        """nprobe first, re-ranking the most candidates (so the lists, not the 4-bit codes, limit
+        recall); then the smallest ``k_factor_rf`` that still reaches the target at that nprobe.
+        The curve's points are ({nprobe, k_factor_rf}, mean recall).
+        """
+        nlist = faiss.extract_index_ivf(index).nlist
+        set_search_params(index, {K_FACTOR: K_FACTOR_MAX})
+        probe, (recall, bound), curve = tune_param(index, "nprobe", 1, nlist, ev, target)
+        points = [({"nprobe": v, K_FACTOR: K_FACTOR_MAX}, r) for v, r in curve]
+        if bound < target:  # more re-ranking cannot help at the best nprobe found
+            return probe | {K_FACTOR: K_FACTOR_MAX}, (recall, bound), points
+        factor, result, curve = tune_param(index, K_FACTOR, 1, K_FACTOR_MAX, ev, target)
+        points += [({**probe, K_FACTOR: v}, r) for v, r in curve if v != K_FACTOR_MAX]
+        return probe | factor, result, points
+
+    def search_range(self, index: faiss.Index, k: int) -> tuple[int, int]:
+        return 1, faiss.extract_index_ivf(index).nlist
+
+    def owns(self, index: faiss.Index) -> bool:
+        outer = faiss.downcast_index(index)
+        return isinstance(outer, faiss.IndexRefine) and faiss.try_extract_index_ivf(index) is not None
+
+    def join(self, files: list[Path], key: str, d: int) -> faiss.Index:
+        """Parts that share one training: the lists and the float16 vectors joined separately."""
+        base = faiss.read_index(str(files[0]))  # writable IndexRefine; owns what the views below show
+        lists, vectors = faiss.downcast_index(base.base_index), faiss.downcast_index(base.refine_index)
+        for path in files[1:]:
+            other = faiss.read_index(str(path))  # kept alive while its parts are merged
+            lists.merge_from(faiss.downcast_index(other.base_index), lists.ntotal)  # ids shifted
+            vectors.merge_from(faiss.downcast_index(other.refine_index), 0)  # flat codes: appended
+        base.ntotal = lists.ntotal
+        return base

@@ -4,7 +4,7 @@ This file runs inside the separate OpenCLIP virtualenv (.venv-openclip, webdatas
 see setup_openclip_env.sh), never in clipkit's own environment, and imports nothing from
 clipkit.
 
-    python _openclip_runner.py [--lit-config-dir DIR] [--threads N] -- <open_clip_train args>
+    python _openclip_runner.py [--lit-config-dir DIR] [--model-config JSON] [--threads N] -- <open_clip_train args>
 
 With ``--lit-config-dir DIR`` it first prepares the demo's LiT model for OpenCLIP:
 
@@ -138,6 +138,27 @@ def patch_bert_arch() -> None:
     names.setdefault("token_embeddings_attr", "embeddings")
 
 
+def patch_cpu_ddp() -> None:
+    """Work around open_clip_train 3.3.0 on CPUs with several processes (``--dist-backend gloo``).
+
+    It wraps the model in ``DistributedDataParallel(model, device_ids=[device])`` whatever the
+    device, and torch refuses ``device_ids`` for a CPU module ("device_ids and output_device
+    arguments only work with single-device/multiple-device GPU modules or CPU modules"). The
+    subclass installed here drops ``device_ids`` that name the CPU, which is what DDP expects there.
+    """
+    import torch
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+
+    class CpuDeviceIdsDDP(ddp):  # type: ignore[misc, valid-type]
+        def __init__(self, module, device_ids=None, *args, **kwargs):
+            if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+                device_ids = None
+            super().__init__(module, device_ids, *args, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = CpuDeviceIdsDDP
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
@@ -152,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context-length", type=int, default=64)
     p.add_argument("--init-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (main process)")
+    p.add_argument(
+        "--model-config",
+        type=Path,
+        action="append",
+        default=[],
+        help="an open_clip model config JSON to register first (model name = file name without .json)",
+    )
     a = p.parse_args(own)
 
     t_start = time.time()
@@ -159,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.model_config:  # e.g. clipkit's tiny config (clipkit/models/open_clip_configs/)
+        import open_clip
+
+        for path in a.model_config:
+            open_clip.add_model_config(path)
     if a.lit_config_dir is not None:
         import open_clip
 
@@ -171,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     import open_clip_train.main as oc_main
 
     patch_bert_arch()
+    patch_cpu_ddp()
 
     # Model building above may have configured the root logger (logging.warning before any
     # handler exists); drop that handler so open_clip_train's own logging prints each line once.

@@ -14,3 +14,4 @@ $PY benchmarks/loss_memory.py --append
 $PY benchmarks/index_vs_autofaiss.py
 $PY benchmarks/chaos.py --append
 $PY benchmarks/objectives.py
+$PY benchmarks/scaling.py --record

@@ -50,6 +50,15 @@ class TowerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # Pretrained starting point (clipkit.models.init): a model spec, "open_clip:<config>[@<weights
+    # file>]" (config: a name, a model-config .json or local-dir:<folder>) or "hf-clip:<Hugging Face
+    # CLIP/SigLIP folder>". Both towers become the two halves of that model, with its projections,
+    # embed_dim, logit scale and bias, so the model starts out embedding exactly as the spec does.
+    # It fixes the towers' name / weights / image_size / context_length and embed_dim, projection,
+    # init_logit_scale, init_logit_bias: leave those out (a value other than the default or the
+    # spec's is a ConfigError), except init_logit_bias on a spec without a bias (CLIP), which adds
+    # one. locked, unlocked_layers, lr_mult and augment apply as usual.
+    init: str = ""
     vision: TowerConfig = field(
         default_factory=lambda: TowerConfig(name="timm:tf_efficientnet_lite0", weights="bundled")
     )
@@ -102,6 +111,46 @@ class DataConfig:
     word_dropout: float = 0.0
     word_shuffle: bool = False
     hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig)
+    # Training only (clipkit.data.resample): each (rank, worker) draws shards with replacement,
+    # endlessly, from an RNG seeded by (seed, rank, worker); any number of shards feeds any
+    # number of ranks x workers. There are no passes then: the epoch stays 0 and train.samples
+    # alone sets the length. Exact resume holds (the RNG states are in the checkpoint).
+    resampled: bool = False
+    # A weighted mixture (needs resampled=true): with weights, each "::"-separated part of
+    # data.train is one source, and each sample comes from source i with probability
+    # weight_i / sum(weights), whatever the sources' sizes. Empty: "::" only joins shard lists
+    # into one source. Per-source trained samples go to metrics.csv (samples_src<i>).
+    train_weights: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_mixture(self)
+
+
+def _check_mixture(cfg: DataConfig) -> None:
+    """data.resampled / data.train_weights against the rest of data (see DataConfig)."""
+    weights = cfg.train_weights
+    if cfg.resampled and cfg.hard_negatives.k > 0:
+        raise ConfigError(
+            "data.hard_negatives.k > 0 mines neighbours at pass boundaries, and with data.resampled=true "
+            "there are none: set data.hard_negatives.k=0 or data.resampled=false"
+        )
+    if not weights:
+        return
+    if not cfg.resampled:
+        raise ConfigError(
+            "data.train_weights needs data.resampled=true: a mixture draws samples from its sources with "
+            "replacement; without resampling every shard is read once per epoch and the sources' sizes "
+            "fix the proportions"
+        )
+    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float))]
+    if bad or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ConfigError(f"data.train_weights must be positive finite numbers, got {weights!r}")
+    sources = [part for part in cfg.train.split("::") if part.strip()]
+    if cfg.train and len(sources) != len(weights):  # (a DataConfig for build_loader may have no train)
+        raise ConfigError(
+            f"data.train_weights has {len(weights)} weight(s) but data.train has {len(sources)} "
+            "'::'-separated source(s); give one weight per source"
+        )
 
 
 @dataclass(frozen=True)
@@ -134,8 +183,10 @@ class TrainConfig:
     # shards; with a budget the stream simply restarts until the budget is reached).
     samples: int = 10_000
     seed: int = 0
-    # "fp32" or "bf16" (autocast, CPU and GPU).
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # "fp32"; "bf16" (autocast, CPU and GPU); or "fp16" (autocast + a gradient scaler that skips
+    # overflowing steps and lowers its scale; on CPU it runs, slowly, to test the GPU path).
+    # See clipkit.training.precision.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Run folder is <output_dir>/<run_name>; empty name = timestamp.
     output_dir: str = "runs"
     run_name: str = ""
@@ -168,14 +219,47 @@ class TrainConfig:
     # Append the idx of every trained sample to sample_ids.log, one line per step (see
     # clipkit.training.sample_log): proof of what a run, resumed or not, trained on.
     log_sample_ids: bool = False
+    # Keep checkpoints/best.pt (+ best.json: metric, value, step): the checkpoint whose value of
+    # this evaluation metric (a metrics.csv column, e.g. zeroshot/animal_mnist/acc1 or val/loss)
+    # is the best so far. Losses (names starting with "loss") are minimised, everything else
+    # (accuracies, recalls) maximised; a tie keeps the earlier one. "" = off.
+    keep_best: str = ""
+    # torch.compile the model's forward (clipkit.training.compute) with this backend: "inductor"
+    # (the default, generated kernels), or any name of torch._dynamo.list_backends(exclude_tags=()),
+    # e.g. "aot_eager" (same graph capture and autograd, no code generation: quick to compile).
+    compile: bool = False
+    compile_backend: str = "inductor"
+    # Gradient (activation) checkpointing in every tower with trainable parameters: blocks
+    # recompute their activations in the backward pass (less memory, about 30% more compute).
+    # A tower that cannot do it is an error naming it.
+    grad_checkpointing: bool = False
+    # Experiment trackers beside metrics.csv (clipkit.training.trackers), rank 0 only: "wandb"
+    # (offline, into <run>/wandb/; `wandb sync` uploads it later) and/or "mlflow" (local file
+    # store <run>/mlruns unless tracker_uri); a list, or one comma-separated string ("wandb,mlflow").
+    # Empty = none. Needs `pip install 'clipkit[tracking]'`; a resume continues the same runs.
+    tracker: list[str] = field(default_factory=list)
+    # MLflow tracking URI (e.g. sqlite:///mlflow.db, http://host:5000); "" = file:<run>/mlruns.
+    tracker_uri: str = ""
+    # W&B project and MLflow experiment name.
+    tracker_project: str = "clipkit"
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    # CLIP_benchmark local-webdataset folders (with test/ shards, classnames.txt, templates).
-    zeroshot: str = ""
-    # Retrieval shards (image + caption(s)); empty = data.val.
-    retrieval: str = ""
+    # Evaluation while training (clipkit.training.evaluate): every this many training samples
+    # (all ranks) and after the last step; 0 = only after the last step. It runs when any of
+    # data.val, zeroshot, retrieval or suite below is set; results go to metrics.csv as
+    # val/loss, zeroshot/<name>/acc1, retrieval/<name>/image_retrieval_recall@5, ...
+    every_samples: int = 0
+    # Zero-shot classification datasets: a list of dataset specs as `clipkit eval --dataset`
+    # takes them (a CLIP_benchmark folder, clipkit shards, class folders, a manifest; a single
+    # string is a one-element list). <name> is the folder's (file's) name, plus _<split>.
+    zeroshot: list[str] = field(default_factory=list)
+    # Retrieval datasets (images with captions), likewise; empty = data.val (named "val").
+    retrieval: list[str] = field(default_factory=list)
+    # A suite file (eval/*.yaml): its zeroshot, retrieval and linear_probe datasets, by name.
+    suite: str = ""
+    # Images (and prompts / captions) per batch of the evaluation passes, per rank.
     batch_size: int = 128
 
 
@@ -205,7 +289,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if origin is dict:
         return isinstance(value, dict)
     if origin is list:
-        return isinstance(value, list)
+        (item,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -251,6 +336,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = Non
             kwargs[key] = from_dict(tp, value, full + ".", getattr(base, key))
         elif tp is float and isinstance(value, str) and _is_float(value):
             kwargs[key] = float(value)  # YAML 1.1 reads "1e-6" (no dot) as a string
+        elif tp == list[str] and isinstance(value, str):
+            kwargs[key] = [value] if value else []  # key=one/path; "" (older configs) = none
         elif not _type_ok(value, tp):
             raise ConfigError(f"config key '{full}' must be {_type_name(tp)}, got {value!r}")
         else:

@@ -45,7 +45,7 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
         ("train.samples=1.5", "train.samples' must be int"),
         ("optim.lr=fast", "optim.lr' must be float"),
         ("model.vision.locked=3", "locked' must be bool"),
-        ("train.precision=fp16", "one of 'fp32', 'bf16'"),
+        ("train.precision=fp8", "one of 'fp32', 'bf16', 'fp16'"),  # fp16 is valid since #13
         ("model.projection=conv", "one of 'linear', 'mlp', 'none'"),
         ("data.on_error=ignore", "one of 'skip', 'raise'"),
         ("model=3", "'model' must be a mapping"),

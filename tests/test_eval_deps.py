@@ -45,7 +45,10 @@ def imported_modules(folder: Path) -> dict[str, str]:
 
 def undeclared(folders: list[Path]) -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = {_norm(re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0]) for d in project["dependencies"]}
+    # hard dependencies, and the optional extras a user installs by name (clipkit[tracking]);
+    # the test extra is not something the library may import
+    extras = [d for name, deps in project["optional-dependencies"].items() if name != "test" for d in deps]
+    declared = {_norm(re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0]) for d in project["dependencies"] + extras}
     dists = packages_distributions()
     out = []
     for folder in folders:

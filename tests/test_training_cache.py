@@ -206,3 +206,31 @@ def test_outputs_beyond_fp16_range_are_stored_as_float32(tmp_path, model, monkey
     for key, feat in expected.items():
         np.testing.assert_allclose(cache.get(key), feat * 1e6, rtol=1e-4)
         assert np.isfinite(cache.get(key)).all()
+
+
+def test_training_builds_the_cache_at_the_configured_precision_and_runs_at_lr_zero(tmp_path, monkeypatch):
+    """``train.feature_cache_precision`` reaches the cache the trainer builds (a cache of its own);
+    a run at ``optim.lr=0`` logs its rows (the lr column is the schedule's factor times 0)."""
+    from training_helpers import tiny_tree
+
+    from clipkit.training import loop
+
+    seen = []
+    real = loop.build_feature_cache
+
+    def spy(*args, **kw):
+        seen.append(kw.get("precision"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "build_feature_cache", spy)
+    shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=16)
+    tree = tiny_tree(
+        shards, tmp_path / "runs", **{"train.samples": 32, "train.log_every": 1, "optim.lr": 0.0}
+    )
+    tree["train"]["feature_cache_precision"] = "bf16"
+    run = loop.train(from_dict(Config, tree))
+    assert seen == ["bf16"]
+    caches = [p.name for p in (tmp_path / "shards" / "_clipkit_cache").iterdir()]
+    assert len(caches) == 1 and caches[0].endswith("-bf16"), caches
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) >= 3 and "lr" in rows[0].split(",")

@@ -52,5 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from clipkit.training.loop import train
 
     run_dir = train(cfg)
-    print(f"run folder: {run_dir}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # once, not once per rank under torchrun
+        print(f"run folder: {run_dir}")
     return 0

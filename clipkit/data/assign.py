@@ -26,7 +26,8 @@ def rank_shards(
         raise DataError(
             f"{len(urls)} shard(s) for {world} rank(s) x {max(1, workers)} loader worker(s) = "
             f"{readers} readers; in training every reader needs its own shard(s). Write at least "
-            f"{readers} shards (a smaller ShardWriter maxcount), {fix}"
+            f"{readers} shards (a smaller ShardWriter maxcount), {fix}, or set data.resampled=true "
+            "(every reader draws shards with replacement)"
         )
     if train:
         urls = list(urls)

@@ -7,6 +7,7 @@ a (3, H, W) float tensor, or an (H, W, 3) uint8 array for the fast image plan). 
     "text"   (B, L) long          token ids
     "key"    list[str]
     "idx"    (B,) long            -1 for a sample without an idx member
+    "source" list[int]            resampled training only: each sample's source (data.train_weights)
 
 The loader adds its bookkeeping (``"skipped"``, in train mode ``"stream"``) after these.
 """
@@ -48,6 +49,8 @@ def collate(
     batch["text"] = text
     batch["key"] = [s["key"] for s in samples]
     batch["idx"] = torch.tensor([s["idx"] for s in samples], dtype=torch.long)  # (B,)
+    if "source" in samples[0]:  # bookkeeping of a resampled stream (clipkit.data.resample)
+        batch["source"] = [s["source"] for s in samples]
     return batch
 
 

@@ -26,6 +26,11 @@ ToTensor + Normalize) runs as an equivalent, faster plan: crop drawn before deco
 downscale to what the crop needs, normalisation per batch (``fast_transform.py``; opt out with
 ``transform.fast_path = False``). Other transforms run as given, per sample.
 
+Resampled (train mode with ``data.resampled``; ``clipkit.data.resample``): instead of being
+dealt out, shards are drawn with replacement by every (rank, worker), endlessly, from one or
+several weighted sources; batches then also carry ``"source"`` (list[int], each sample's
+source) and the workers' positions hold the RNG states.
+
 Exact resume (train mode): ``build_loader(resume=...)`` continues every worker from its
 position: shards before it are not opened, samples before it in its shard are skipped by
 seeking over their tar members, the buffer is refilled from the few shards it came from, and
@@ -57,6 +62,7 @@ from clipkit.data.collate import collate, skip_carrier
 from clipkit.data.fast_transform import draft_size_of
 from clipkit.data.prepare import FeatureLookup, SamplePreparer
 from clipkit.data.reader import ShardReader
+from clipkit.data.resample import resampled_mix, source_lists
 from clipkit.data.resume import Cursor
 from clipkit.data.shuffle import ShuffleBuffer, seeded_rng
 from clipkit.data.skips import DataError, SkipCounter
@@ -112,8 +118,11 @@ class ShardDataset(IterableDataset):
         feature_lookup: FeatureLookup | None,
         resume: dict[str, Any] | None = None,
         progress: Any = None,
+        sources: list[list[str]] | None = None,
     ):
         self.shards, self.cfg, self.train = shards, cfg, train
+        # data.resampled: every worker draws from all shards of these sources (clipkit.data.resample)
+        self.sources = sources
         self.image_transform, self.tokenize = image_transform, tokenize
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.feature_lookup = feature_lookup
@@ -140,22 +149,36 @@ class ShardDataset(IterableDataset):
 
     def _start(
         self, shards: list[str], worker: int, pos: dict[str, Any] | None, skips: SkipCounter
-    ) -> tuple[Cursor, ShuffleBuffer | None, Iterable[dict[str, Any]]]:
-        """A worker's cursor, shuffle buffer and raw samples, continued from ``pos`` when given."""
+    ) -> tuple[Cursor, Callable[[], dict[str, Any]], Iterable[dict[str, Any]]]:
+        """A worker's cursor, its position after the batch just built (a callable) and its raw
+        samples, continued from ``pos`` when given."""
         cursor, buffer = Cursor(worker), None
+
+        def reader_of(shards: list[str], cursor: Cursor) -> ShardReader:
+            return ShardReader(shards, self.want, skips, cursor, opener=_open, progress=self.progress)
+
+        if self.sources is not None:  # endless draws with replacement
+            mix = resampled_mix(
+                self.sources, self.cfg.train_weights, reader_of, cursor, seed=self.seed, rank=self.rank,
+                shuffle_buffer=self.cfg.shuffle_buffer, batch_size=self.cfg.batch_size,
+            )  # fmt: skip
+            if pos is not None:
+                mix.restore(pos)
+            return cursor, mix.position, mix
         if self.train and self.cfg.shuffle_buffer > 1:
             rng = seeded_rng(self.seed, self.epoch, self.rank, worker, "samples")
             buffer = ShuffleBuffer(self.cfg.shuffle_buffer, rng)
-        reader = ShardReader(shards, self.want, skips, cursor, opener=_open, progress=self.progress)
+        reader = reader_of(shards, cursor)
         if pos is not None:
             resume_state.restore(pos, cursor, buffer, shards, reader.fetch)
-        return cursor, buffer, reader if buffer is None else buffer(reader)
+        where = functools.partial(resume_state.position, cursor, buffer)
+        return cursor, where, reader if buffer is None else buffer(reader)
 
     def _batches(
         self, shards: list[str], worker: int, pos: dict[str, Any] | None
     ) -> Iterator[dict[str, Any]]:
         skips = self.skip_counter()  # skips since this worker's previous batch
-        cursor, buffer, raws = self._start(shards, worker, pos, skips)
+        cursor, where, raws = self._start(shards, worker, pos, skips)
         # Each batch waits for the next one (or the end) before it goes out, so skips found
         # after the last batch was built (a damaged last shard) still ride on a batch.
         pending: dict[str, Any] | None = None
@@ -169,7 +192,7 @@ class ShardDataset(IterableDataset):
                 pending, samples = self.collate(samples, skips), []
                 cursor.count_batch(len(pending["key"]))
                 if self.train:
-                    pending["stream"] = resume_state.position(cursor, buffer)
+                    pending["stream"] = where()
         if samples and not self.train:
             if pending is not None:
                 yield pending
@@ -184,7 +207,7 @@ class ShardDataset(IterableDataset):
                 )
             empty = skip_carrier(skips.take())
             if self.train:
-                empty["stream"] = resume_state.position(cursor, buffer)
+                empty["stream"] = where()
             yield empty
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -248,7 +271,8 @@ def build_loader(
     epoch: int = 0,
     resume: dict[str, Any] | None = None,
 ) -> DataLoader:
-    """One epoch over the shards of ``urls`` as batch dicts (see module docstring).
+    """One epoch over the shards of ``urls`` as batch dicts (see module docstring); with
+    ``train`` and ``cfg.resampled``, an endless stream of resampled shards instead.
 
     ``feature_lookup`` (``key in lookup``, ``lookup.get(key) -> (F,) array``) replaces image
     decoding by cached locked-tower features: batches then carry ``"image_features"``.
@@ -265,17 +289,22 @@ def build_loader(
     if feature_lookup is None and image_transform is None:
         raise ValueError("build_loader needs an image_transform unless a feature_lookup is given")
     _check_setup(cfg, rank, world_size)
-    all_urls = expand_urls(urls)
-    shards = rank_shards(
-        all_urls, workers=cfg.workers, train=train, seed=seed, epoch=epoch, rank=rank, world=world_size
-    )
-    workers = min(cfg.workers, len(shards))  # eval: a worker without shards would idle
+    sources = None
+    if train and cfg.resampled:  # every (rank, worker) draws from all shards: no minimum
+        sources = source_lists(urls, cfg.train_weights)
+        shards, workers = [u for source in sources for u in source], cfg.workers
+    else:
+        all_urls = expand_urls(urls)
+        shards = rank_shards(
+            all_urls, workers=cfg.workers, train=train, seed=seed, epoch=epoch, rank=rank, world=world_size
+        )
+        workers = min(cfg.workers, len(shards))  # eval: a worker without shards would idle
     readers = max(1, workers)
-    resume = resume_state.usable(resume, shards, readers, epoch)
+    resume = resume_state.usable(resume, shards, readers, epoch, resampled=sources is not None)
     progress = multiprocessing.RawArray("q", 2 * readers)  # written by the workers, read by the watchdog
     dataset = ShardDataset(
         shards, cfg, image_transform, tokenize, train=train, seed=seed, epoch=epoch, rank=rank,
-        feature_lookup=feature_lookup, resume=resume, progress=progress,
+        feature_lookup=feature_lookup, resume=resume, progress=progress, sources=sources,
     )  # fmt: skip
     if workers > 0:
         # Forked workers tokenize; a tokenizer thread pool inherited across fork can deadlock.
@@ -293,5 +322,6 @@ def build_loader(
     loader.readers = readers  # type: ignore[attr-defined]
     loader.progress = progress  # type: ignore[attr-defined]
     loader.resumed = resume is not None  # type: ignore[attr-defined]
+    loader.resampled = sources is not None  # type: ignore[attr-defined]
     loader.num_samples = dataset_size(shards) if shards else 0  # type: ignore[attr-defined]
     return loader

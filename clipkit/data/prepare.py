@@ -82,7 +82,9 @@ class SamplePreparer:
                 if seeded:
                     saved = gen.get_state()
                     shard = zlib.crc32(raw["__url__"].encode())  # str hash() differs per process
-                    gen.manual_seed(hash((*seed, shard, raw["__pos__"][1])) & (2**63 - 1))
+                    # A resampled shard read again gets new crops: its draw (ints) joins the seed.
+                    draw = raw.get("__draw__", ())
+                    gen.manual_seed(hash((*seed, shard, raw["__pos__"][1], *draw)) & (2**63 - 1))
                     try:
                         out = self.prepare(raw)
                     finally:
@@ -92,4 +94,6 @@ class SamplePreparer:
             except SampleError as err:
                 skips.bad_sample(raw["__url__"], raw["__key__"], err)
                 continue
+            if "__draw__" in raw:  # resampled (clipkit.data.resample): for the batch's "source"
+                out["source"], out["draw"] = raw["__src__"], raw["__draw__"]
             yield out  # after the RNG is put back: the consumer's own draws are not undone

@@ -50,10 +50,10 @@ class ShardReader:
             cursor.shard, cursor.offset = i, skip if i == first else 0
             if self.progress is not None:
                 self.progress[2 * cursor.worker] = i
-            yield from self._read_shard(self.shards[i])
+            yield from self.read_shard(self.shards[i])
         cursor.shard, cursor.offset = len(self.shards), 0
 
-    def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
+    def read_shard(self, url: str) -> Iterator[dict[str, Any]]:
         """Samples of shard ``cursor.shard`` from number ``cursor.offset`` on (earlier ones unread)."""
         cursor = self.cursor
         n = skip = cursor.offset

@@ -70,7 +70,16 @@ def restore(
     cursor.batches, cursor.samples = int(pos["batches"]), int(pos["samples"])
     if buffer is None:
         return
-    held = [tuple(p) for p in pos["held"]]
+    held = [(int(s), int(n)) for s, n in pos["held"]]
+    found = refetch(held, shards, fetch)
+    buffer.load_state_dict(pos, [found[p] for p in held])
+
+
+def refetch(
+    held: list[tuple[int, int]], shards: list[str], fetch: Fetch
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """The samples ``held`` names as (shard index in ``shards``, number), read again with
+    ``fetch`` (each shard opened once); a sample that is gone is a ``DataError``."""
     found: dict[tuple[int, int], dict[str, Any]] = {}
     for shard in sorted({s for s, _ in held}):
         for number, sample in fetch(shard, {n for s, n in held if s == shard}).items():
@@ -83,20 +92,25 @@ def restore(
             f"'{shards[s]}' is gone ({len(missing)} samples missing); the shards changed since "
             "the checkpoint was written"
         )
-    buffer.load_state_dict(pos, [found[p] for p in held])
+    return found
 
 
 def usable(
-    resume: dict[str, Any] | None, shards: list[str], readers: int, epoch: int
+    resume: dict[str, Any] | None, shards: list[str], readers: int, epoch: int, resampled: bool = False
 ) -> dict[str, Any] | None:
-    """``resume`` when it continues a pass over these ``shards`` with these ``readers``; else a
-    warning and None (the pass starts over)."""
-    if resume is None or (list(resume["shards"]) == shards and int(resume["readers"]) == readers):
+    """``resume`` when it continues a pass over these ``shards`` with these ``readers`` (and
+    positions of the same kind: resampled or not); else a warning and None (the pass starts over)."""
+    if resume is None:
+        return None
+    kinds = {bool(p.get("resampled")) for p in resume["positions"] if p is not None}
+    if list(resume["shards"]) == shards and int(resume["readers"]) == readers and kinds <= {resampled}:
         return resume
     warnings.warn(
         f"cannot continue epoch {epoch} of the data stream exactly: the checkpoint read "
-        f"{len(resume['shards'])} shard(s) with {resume['readers']} reader(s) on this rank, now "
-        f"{len(shards)} with {readers} (data.train or data.workers changed); the pass starts over",
+        f"{len(resume['shards'])} shard(s) with {resume['readers']} reader(s) on this rank"
+        f"{', resampled' if True in kinds else ''}, now {len(shards)} with {readers}"
+        f"{', resampled' if resampled else ''} (data.train, data.workers or data.resampled changed); "
+        "the pass starts over",
         stacklevel=3,
     )
     return None

@@ -5,7 +5,7 @@ too: each word is dropped with probability ``p`` and/or the words are put in a r
 before tokenization (``data.word_dropout``, ``data.word_shuffle``; label smoothing, the recipe's
 other text-side part, is ``loss.args.label_smoothing`` of ``clip``). Words are whitespace
 separated; a caption never loses its last word. The draws of a sample come from
-``(seed, epoch, key)`` alone, so a caption's augmentation does not depend on the loader
+``(seed, epoch, key)`` alone (and, resampled, the sample's draw: a repeat is augmented anew), so a caption's augmentation does not depend on the loader
 worker, the shuffle or what was read before it (a resumed stream gives the same captions).
 """
 
@@ -36,14 +36,18 @@ def augment_caption(caption: str, word_dropout: float, word_shuffle: bool, rng: 
 
 
 def augment_captions(samples: Sequence[dict[str, Any]], cfg: DataConfig, seed: int, epoch: int) -> list[str]:
-    """The captions of ``samples`` (dicts with "caption" and "key"), augmented per ``cfg``."""
+    """The captions of ``samples`` (dicts with "caption", "key" and, resampled, "draw"), augmented
+    per ``cfg``."""
     captions = [s["caption"] for s in samples]
     if not cfg.word_dropout and not cfg.word_shuffle:
         return captions
     check_options(cfg.word_dropout)
     return [
         augment_caption(
-            c, cfg.word_dropout, cfg.word_shuffle, random.Random(f"{seed}:{epoch}:{s['key']}:text")
+            c,
+            cfg.word_dropout,
+            cfg.word_shuffle,
+            random.Random(f"{seed}:{epoch}:{s['key']}:text" + (f":{s['draw']}" if "draw" in s else "")),
         )
         for c, s in zip(captions, samples)
     ]

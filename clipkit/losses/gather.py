@@ -26,13 +26,32 @@ All ranks must pass tensors of the same shape (equal per-rank batch sizes).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
+_rank_local = False  # set by rank_local()
+
+
+@contextlib.contextmanager
+def rank_local() -> Iterator[None]:
+    """Within the block every function here acts as in one process: a loss sees only this rank's
+    batch and calls no collective (the validation loss, where ranks hold different numbers of
+    batches, ``clipkit.training.evaluate``)."""
+    global _rank_local
+    before, _rank_local = _rank_local, True
+    try:
+        yield
+    finally:
+        _rank_local = before
+
 
 def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when there is none."""
-    if dist.is_available() and dist.is_initialized():
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when there is none (or
+    inside ``rank_local``)."""
+    if dist.is_available() and dist.is_initialized() and not _rank_local:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

@@ -114,7 +114,14 @@ class DualEncoder(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> DualEncoder:
-    """Towers (locked as configured), projections and temperature from ``cfg``."""
+    """Towers (locked as configured), projections and temperature from ``cfg``.
+
+    With ``cfg.init`` the towers and heads are those of a pretrained model (``clipkit.models.init``).
+    """
+    if cfg.init:
+        from clipkit.models.init import resolve_init
+
+        cfg = resolve_init(cfg)
     vision, text = build_towers(cfg.vision, cfg.text)
     return DualEncoder(
         vision,

@@ -36,7 +36,10 @@ DualEncoder mappings (clipkit -> open_clip):
   open_clip masks mean pooling with ``tokens != config.pad_token_id``, clipkit with the
   tokenizer's pad id; the copied config is given the tokenizer's pad id so both agree;
 - ``open_clip:<config>`` on both sides with ``projection: none`` -> that config, with the run's
-  image size and context length, and the underlying open_clip weights unchanged.
+  image size and context length, and the underlying open_clip weights unchanged; a Hugging Face
+  tokenizer (and text model config) the config names is copied into the folder;
+- ``hf-clip:<dir>`` on both sides with ``projection: none`` (``model.init=hf-clip:<dir>``) -> the
+  run's weights put back into the Hugging Face model, then converted as an ``hf-clip:`` spec is.
 
 Other combinations (an ``mlp`` projection, whose open_clip text form has another shape;
 mixed families) are refused with the reason.
@@ -148,8 +151,10 @@ def _timm_hf_mapping(model: nn.Module, out: Path) -> tuple[dict, dict, dict[str,
     return model_cfg, preprocess, state
 
 
-def _open_clip_mapping(model: nn.Module) -> tuple[dict, dict, dict[str, Tensor]]:
-    import open_clip
+def _open_clip_mapping(model: nn.Module, out: Path) -> tuple[dict, dict, dict[str, Tensor]]:
+    import copy
+
+    from clipkit.models.towers_openclip import resolve_config
 
     arch = model.vision.spec.removeprefix("open_clip:")
     if model.text.spec != model.vision.spec or _projection(model) != "none":
@@ -158,10 +163,11 @@ def _open_clip_mapping(model: nn.Module) -> tuple[dict, dict, dict[str, Tensor]]
             f"projection 'none'; this one has {model.vision.spec} / {model.text.spec}, projection "
             f"'{_projection(model)}'"
         )
-    model_cfg = open_clip.get_model_config(arch)
+    model_cfg = copy.deepcopy(resolve_config(arch)[1])
     size = model.vision.preprocess["size"]  # open_clip's visual.image_size: int or (H, W)
     model_cfg["vision_cfg"]["image_size"] = size if isinstance(size, int) or len(set(size)) > 1 else size[0]
     model_cfg["text_cfg"]["context_length"] = model.text.tokenizer.context_length
+    _hf_text_files(model_cfg["text_cfg"], model.text.tokenizer, out)
     sd = model.state_dict()
     state = _prefixed(sd, "vision.model.", "visual.")
     if hasattr(model.text.model, "transformer") and type(model.text.model).__name__ == "ClipText":
@@ -171,11 +177,47 @@ def _open_clip_mapping(model: nn.Module) -> tuple[dict, dict, dict[str, Tensor]]
     return model_cfg, dict(model.vision.preprocess), state
 
 
+def _hf_text_files(text_cfg: dict[str, Any], tokenizer: Any, out: Path) -> None:
+    """Make an open_clip config's Hugging Face parts load from the export folder ``out``: its
+    tokenizer (open_clip's local-dir: loader reads it from the folder when ``hf_tokenizer_name`` is
+    set) and its text model's config (``hf_model_name``), copied there."""
+    if text_cfg.get("hf_model_name"):
+        src = Path(text_cfg["hf_model_name"])
+        pad = json.loads((src / "config.json").read_text(encoding="utf-8")).get("pad_token_id")
+        text_cfg["hf_model_name"] = str(_copy_hf_dir(src, out, pad))
+    if text_cfg.get("hf_tokenizer_name"):
+        tokenizer.tokenizer.save_pretrained(str(out))  # open_clip's HFTokenizer wraps the HF one
+        text_cfg["hf_tokenizer_name"] = "."  # non-empty: local-dir: reads the tokenizer from the folder
+
+
+def _hf_clip_mapping(model: nn.Module, out: Path) -> tuple[dict, dict, dict[str, Tensor]]:
+    from clipkit.models.convert_hf import HFConversionError, hf_to_open_clip, save_hf_tokenizer
+    from clipkit.models.towers_hf_clip import hf_model_of
+
+    if model.text.spec != model.vision.spec or _projection(model) != "none":
+        raise ExportError(
+            "an hf-clip model exports when both towers are the same hf-clip folder with projection "
+            f"'none'; this one has {model.vision.spec} / {model.text.spec}, projection '{_projection(model)}'"
+        )
+    hf, processor, tokenizer = hf_model_of(model)  # the run's weights in the Hugging Face model
+    try:
+        converted = hf_to_open_clip(hf, processor)
+    except HFConversionError as err:
+        raise ExportError(
+            f"this model's Hugging Face {type(hf).__name__} has no open_clip form ({err}); clipkit "
+            "evaluates and indexes it as it is (--model <run folder>)"
+        ) from err
+    save_hf_tokenizer(tokenizer, out)
+    return converted
+
+
 def _pixel_tolerance(model: EvalModel, preprocess_cfg: dict[str, Any]) -> float:
-    """0 (exact) but for a Hugging Face source: its image processor resizes in its own code and
-    open_clip through torchvision, so a resized pixel may round to the neighbouring intensity
-    level (1/255 before normalisation), nothing more."""
-    return 1.001 / 255 / min(preprocess_cfg["std"]) if isinstance(model, HFClipModel) else 0.0
+    """0 (exact) but for a Hugging Face image processor (an hf-clip: model, or a DualEncoder with an
+    hf-clip vision tower): it resizes in its own code and open_clip through torchvision, so a
+    resized pixel may round to the neighbouring intensity level (1/255 before normalisation)."""
+    dual = dual_encoder_of(model)
+    hf = isinstance(model, HFClipModel) or (dual is not None and dual.vision.spec.startswith("hf-clip:"))
+    return 1.001 / 255 / min(preprocess_cfg["std"]) if hf else 0.0
 
 
 def _check_roundtrip(model: EvalModel, out: Path, atol: float) -> float:
@@ -213,11 +255,14 @@ def _dual_encoder_form(model: nn.Module, out: Path) -> tuple[dict, dict, dict[st
     if kinds == ("timm", "hf"):
         model_cfg, preprocess, state = _timm_hf_mapping(model, out)
     elif kinds == ("open_clip", "open_clip"):
-        model_cfg, preprocess, state = _open_clip_mapping(model)
+        model_cfg, preprocess, state = _open_clip_mapping(model, out)
+    elif kinds == ("hf-clip", "hf-clip"):
+        model_cfg, preprocess, state = _hf_clip_mapping(model, out)
     else:
         raise ExportError(
             f"no open_clip form for a {model.vision.spec} image tower with a {model.text.spec} text tower; "
-            "exportable: timm + hf towers with linear projections, or one open_clip config with projection none"
+            "exportable: timm + hf towers with linear projections, or one open_clip config or hf-clip "
+            "folder on both sides with projection none (what model.init builds)"
         )
     state["logit_scale"] = model.logit_scale.detach().clone()
     if model.logit_bias is not None:

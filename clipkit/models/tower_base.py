@@ -14,6 +14,7 @@ unlocked layers, LiT style).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from clipkit.registry import Registry
@@ -81,6 +83,12 @@ class Tower(nn.Module):
 
     def tokenize(self, texts: list[str]) -> Tensor:
         raise TypeError(f"{self.spec} is a {self.modality} tower; it has no tokenizer")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's block activations in the backward pass instead of keeping
+        them (less memory, one more forward of each block); same gradients. A tower that cannot
+        do it raises, naming itself, rather than silently keeping every activation."""
+        raise ValueError(no_checkpointing(self.spec, self.modality, self.model))
 
     # ------------------------------------------------------------------ layers and locking
     def layers(self) -> list[nn.Module]:
@@ -235,6 +243,53 @@ def split_around_blocks(names: list[str], block_prefix: str, before: set[str]) -
         else:
             top.append(name)
     return [g for g in [bottom, *(blocks[i] for i in sorted(blocks)), top] if g]
+
+
+# ---------------------------------------------------------------------------- gradient checkpointing
+
+
+def no_checkpointing(spec: str, modality: str, backbone: nn.Module, why: str = "") -> str:
+    return (
+        f"{modality} tower {spec} ({type(backbone).__name__}) does not support gradient checkpointing"
+        + (f" ({why})" if why else "")
+        + "; set train.grad_checkpointing=false, or lock the tower (model.<tower>.locked=true)"
+    )
+
+
+def set_timm_grad_checkpointing(model: nn.Module, spec: str, modality: str, enable: bool) -> None:
+    """timm's ``set_grad_checkpointing`` (blocks via ``checkpoint_seq``), refusals made explicit."""
+    try:
+        model.set_grad_checkpointing(enable)  # type: ignore[operator]
+    except (AssertionError, NotImplementedError, AttributeError) as err:
+        raise ValueError(no_checkpointing(spec, modality, model, str(err) or type(err).__name__)) from err
+
+
+def set_hf_grad_checkpointing(model: nn.Module, spec: str, modality: str, enable: bool) -> None:
+    """Hugging Face checkpointing, non-reentrant (correct gradients above frozen layers too).
+
+    ``model``: a ``PreTrainedModel`` (its own API), or a part of one (a CLIP half: encoder
+    modules carrying transformers' ``gradient_checkpointing`` flag, switched as that API does).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "supports_gradient_checkpointing"):
+        if not model.supports_gradient_checkpointing:
+            raise ValueError(no_checkpointing(spec, modality, model))
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names
+            if enable:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.activation_checkpointing_disable()
+        elif enable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_disable()
+        return
+    flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    if not flagged:
+        raise ValueError(no_checkpointing(spec, modality, model))
+    for m in flagged:
+        m._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
+        m.gradient_checkpointing = enable
 
 
 # ---------------------------------------------------------------------------- weights files

@@ -1,7 +1,8 @@
 """Tower factory: ``build_tower(cfg, modality)`` resolves ``"<prefix>:<arch>"`` in ``TOWERS``.
 
-Prefixes: ``timm`` (image, ``towers_timm.py``), ``hf`` (text, ``towers_hf.py``) and
-``open_clip`` (either, ``towers_openclip.py``). A new backbone family is a new module with a
+Prefixes: ``timm`` (image, ``towers_timm.py``), ``hf`` (text, ``towers_hf.py``),
+``open_clip`` (either, ``towers_openclip.py``) and ``hf-clip`` (either half of a Hugging Face
+CLIP / SigLIP model, ``towers_hf_clip.py``). A new backbone family is a new module with a
 ``@TOWERS.register("<prefix>")`` Tower subclass taking ``(arch, cfg, modality, shared)``.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from clipkit.config import TowerConfig
-from clipkit.models import towers_hf, towers_openclip, towers_timm  # noqa: F401  (register prefixes)
+from clipkit.models import towers_hf, towers_hf_clip, towers_openclip, towers_timm  # noqa: F401  (register prefixes)
 from clipkit.models.tower_base import TOWERS, LayerGroup, Tower
 
 __all__ = ["TOWERS", "LayerGroup", "Tower", "build_tower", "build_towers"]
@@ -44,7 +45,7 @@ def build_tower(cfg: TowerConfig, modality: str, shared: dict[str, Any] | None =
 
 
 def build_towers(vision: TowerConfig, text: TowerConfig) -> tuple[Tower, Tower]:
-    """Both towers of one model; two halves of the same open_clip model are built once."""
+    """Both towers of one model; two halves of the same open_clip or hf-clip model are built once."""
     shared: dict[str, Any] = {}
     if vision.name == text.name and vision.weights == text.weights and vision.name.startswith("open_clip:"):
         shared["open_clip_sizes"] = (vision.image_size, text.context_length)

@@ -14,7 +14,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from clipkit.config import TowerConfig
-from clipkit.models.tower_base import TOWERS, Tower, load_state_dict_file, split_around_blocks
+from clipkit.models.tower_base import (
+    TOWERS,
+    Tower,
+    load_state_dict_file,
+    set_hf_grad_checkpointing,
+    split_around_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +118,9 @@ class HFTower(Tower):
 
     def tokenize(self, texts: list[str]) -> Tensor:
         return self.tokenizer(texts)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        set_hf_grad_checkpointing(self.model, self.spec, self.modality, enable)
 
     def param_groups(self) -> list[list[str]]:
         # BERT: embeddings, encoder.layer.0 ... encoder.layer.N-1 (+ anything after, e.g. a final norm).

@@ -5,9 +5,13 @@ with ``projection: none`` a DualEncoder computes exactly ``model.encode_image`` 
 ``model.encode_text``. When both towers name the same config and weights, ``build_towers``
 builds the open_clip model once and each tower takes its half (no duplicated weights).
 
-Weights: ``""`` (random) or a local checkpoint file; nothing is downloaded. Configs whose
-text tower or tokenizer come from the Hugging Face hub are refused up front. Tiny configs
-for tests and smoke runs ship in ``open_clip_configs/`` (``clipkit-tiny-ViT``, ...).
+``<model config>`` is a built-in or clipkit config name, a model-config ``.json`` file, or
+``local-dir:<folder>`` (``resolve_config``). Weights: ``""`` (random), a local checkpoint file,
+or ``bundled`` for a ``local-dir:`` folder's own weights; nothing is downloaded. A config with a
+Hugging Face text model or tokenizer (SigLIP, the multilingual ones) is built when each is a
+local folder (``hf_model_name`` / ``hf_tokenizer_name`` pointing at one, or a ``local-dir:``
+folder holding its tokenizer), and refused up front, naming it, otherwise. Tiny configs for
+tests and smoke runs ship in ``open_clip_configs/`` (``clipkit-tiny-ViT``, ...).
 """
 
 from __future__ import annotations
@@ -16,12 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
+from open_clip.factory import _find_checkpoint_in_dir as find_checkpoint
 from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 
 from clipkit.config import TowerConfig
-from clipkit.models.tower_base import TOWERS, Tower, group_names
-from clipkit.registry import suggest
+from clipkit.models.tower_base import (
+    TOWERS,
+    Tower,
+    group_names,
+    set_hf_grad_checkpointing,
+    set_timm_grad_checkpointing,
+)
+from clipkit.models.towers_hf_clip import block_list_name, blocks_in_order
 
 open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
 
@@ -36,36 +47,100 @@ TEXT_GROUPS = {
 }  # top: ln_final, text_projection
 
 
-def check_config(name: str) -> dict[str, Any]:
-    if name.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(f"open_clip:{name}: only built-in config names are supported (no hub schemas)")
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise ValueError(f"unknown open_clip config '{name}';{suggest(name, open_clip.list_models())}")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+
+
+def resolve_config(arch: str) -> tuple[str, dict[str, Any]]:
+    """(the name open_clip knows the model by, its model config) for ``arch``.
+
+    ``arch`` is a built-in or clipkit config name (``ViT-B-32``, ``clipkit-tiny-ViT``), a
+    model-config ``.json`` file (registered under its stem, as ``open_clip:<file>`` specs are) or
+    ``local-dir:<folder>`` (``open_clip_config.json`` + weights + tokenizer, what ``clipkit
+    export`` writes). The hub (``hf-hub:``) is refused: nothing is downloaded.
+    """
+    from clipkit.models.specs import _model_cfg, _open_clip_name
+
+    if arch.startswith("hf-hub:"):
+        raise ValueError(
+            f"open_clip:{arch}: hub models are not read (nothing is downloaded); give a built-in config "
+            "name, a model-config .json file or local-dir:<folder>"
+        )
+    name = _open_clip_name(arch)
+    cfg = _model_cfg(name)
+    if not cfg:
+        raise ValueError(f"open_clip:{arch}: no model config found")
+    check_offline(arch, name, cfg)
+    return name, cfg
+
+
+def check_offline(arch: str, name: str, cfg: dict[str, Any]) -> None:
+    """Every Hugging Face model or tokenizer the config names must be a local folder.
+
+    open_clip would fetch ``text_cfg.hf_model_name`` / ``hf_tokenizer_name`` from the hub;
+    clipkit works offline, so each must be a folder (a ``local-dir:`` model reads its tokenizer
+    from its own folder, whatever ``hf_tokenizer_name`` says).
+    """
     text = cfg.get("text_cfg", {})
-    if text.get("hf_model_name") or text.get("hf_tokenizer_name"):
-        raise ValueError(f"open_clip:{name} needs a Hugging Face hub model/tokenizer; unavailable offline")
-    return cfg
+    ref = text.get("hf_model_name")
+    if ref and not (Path(ref) / "config.json").is_file():
+        raise ValueError(
+            f"open_clip:{arch} needs the Hugging Face text model '{ref}' (text_cfg.hf_model_name), which is "
+            "not a local folder with a config.json; clipkit works offline and downloads nothing: save it "
+            "once (AutoModel.from_pretrained(...).save_pretrained(dir)) and point hf_model_name at that "
+            "folder in a model-config .json"
+        )
+    if not text.get("hf_tokenizer_name"):
+        return
+    local = name.startswith("local-dir:")
+    folder = Path(name.removeprefix("local-dir:")) if local else Path(text["hf_tokenizer_name"])
+    if any((folder / f).is_file() for f in HF_TOKENIZER_FILES):
+        return
+    what = (
+        f"its Hugging Face tokenizer in {folder} (text_cfg.hf_tokenizer_name is set), which holds none"
+        if local
+        else f"the Hugging Face tokenizer '{folder}' (text_cfg.hf_tokenizer_name), which is not a local "
+        "folder holding a tokenizer"
+    )
+    raise ValueError(
+        f"open_clip:{arch} needs {what}; clipkit works offline and downloads nothing: save the tokenizer "
+        "once (AutoTokenizer.from_pretrained(...).save_pretrained(dir)) and set hf_tokenizer_name to that "
+        "folder in a model-config .json (or use a local-dir: export, which holds its tokenizer)"
+    )
 
 
 def create_open_clip(
-    name: str, weights: str, image_size: int | None, context_length: int | None
-) -> nn.Module:
-    """An open_clip model, randomly initialised or loaded from a local checkpoint file."""
-    check_config(name)
+    arch: str, weights: str, image_size: int | None, context_length: int | None
+) -> tuple[nn.Module, str, dict[str, Any]]:
+    """(open_clip model, its open_clip name, its model config): random, from a local checkpoint
+    file, or (``local-dir:`` with ``weights="bundled"``) with the folder's own weights."""
+    name, cfg = resolve_config(arch)
+    local = name.startswith("local-dir:")
+    if weights == "bundled" and not local:
+        raise ValueError(f"open_clip:{arch}: no bundled weights; use a local checkpoint file or '' (random)")
+    if weights not in ("", "bundled") and local:
+        raise ValueError(
+            f"open_clip:{arch}: a local-dir: model carries its own weights; weights=bundled loads them, "
+            "'' is a random init"
+        )
+    if local and weights == "bundled" and find_checkpoint(Path(name.removeprefix("local-dir:"))) is None:
+        raise FileNotFoundError(
+            f"open_clip:{arch}: the folder holds no weights file; weights='' is a random init"
+        )
+    want = cfg.get("text_cfg", {}).get("context_length", 77)
+    if local and weights == "bundled" and context_length is not None and context_length != want:
+        raise ValueError(f"open_clip:{arch} was trained with context_length={want}; set it on the text tower")
     model = open_clip.create_model(
         name,
         pretrained=None,
+        load_weights=weights == "bundled",  # local-dir: only (checked above)
         force_image_size=image_size,
         force_context_length=context_length,
         pretrained_image=False,
         pretrained_text=False,
     )
-    if weights == "bundled":
-        raise ValueError(f"open_clip:{name}: no bundled weights; use a local checkpoint file or '' (random)")
-    if weights:
+    if weights and not local:
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"open_clip:{name}: weights file '{weights}' not found")
+            raise FileNotFoundError(f"open_clip:{arch}: weights file '{weights}' not found")
         sd = open_clip.factory.load_state_dict(weights)
         pos = sd.get("positional_embedding", sd.get("text.positional_embedding"))
         if context_length is not None and pos is not None and pos.shape[0] != context_length:
@@ -74,10 +149,12 @@ def create_open_clip(
                 f"set context_length={pos.shape[0]} on the text tower"
             )
         open_clip.load_checkpoint(model, weights, strict=True)
-    return model
+    return model, name, cfg
 
 
-def _shared_model(arch: str, cfg: TowerConfig, modality: str, shared: dict[str, Any] | None) -> nn.Module:
+def _shared_model(
+    arch: str, cfg: TowerConfig, modality: str, shared: dict[str, Any] | None
+) -> tuple[nn.Module, str, dict[str, Any]]:
     if shared is not None and "open_clip_sizes" in shared:  # both towers of one model: build once
         if "open_clip_model" not in shared:
             image_size, context_length = shared["open_clip_sizes"]
@@ -131,8 +208,8 @@ class OpenClipTower(Tower):
 
     def __init__(self, arch: str, cfg: TowerConfig, modality: str, shared: dict[str, Any] | None = None):
         super().__init__(f"open_clip:{arch}", modality)
-        clip = _shared_model(arch, cfg, modality, shared)
-        self.out_dim = int(open_clip.get_model_config(arch)["embed_dim"])
+        clip, name, model_cfg = _shared_model(arch, cfg, modality, shared)
+        self.out_dim = int(model_cfg["embed_dim"])
         if modality == "vision":
             self.model = clip.visual
             self.preprocess = dict(clip.visual.preprocess_cfg)
@@ -141,10 +218,11 @@ class OpenClipTower(Tower):
             self._fingerprint_extra = f"preprocess={sorted(self.preprocess.items())}"
         else:
             self.model = clip.text if hasattr(clip, "text") else ClipText(clip)
-            context_length = int(
-                clip.context_length if hasattr(clip, "context_length") else cfg.context_length
-            )
-            self.tokenizer = open_clip.get_tokenizer(arch, context_length=context_length)
+            # An HF text model reports its maximum positions; the tokenizer pads to the config's length.
+            hf_text = type(self.model).__name__ == "HFTextEncoder"
+            own = clip.context_length if hasattr(clip, "context_length") and not hf_text else None
+            context_length = int(own or cfg.context_length)
+            self.tokenizer = open_clip.get_tokenizer(name, context_length=context_length)  # local (checked)
             self._fingerprint_extra = f"L={context_length}|{type(self.tokenizer).__name__}"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -162,8 +240,24 @@ class OpenClipTower(Tower):
             return super().tokenize(texts)
         return self.tokenizer(list(texts)).long()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # open_clip's own set_grad_checkpointing silently does nothing for a ModifiedResNet and
+        # for a timm trunk that refuses; each backbone kind is switched here instead.
+        m, inner = self.model, getattr(self.model, "transformer", None)
+        if type(m).__name__ == "TimmModel":  # timm trunk (+ open_clip head)
+            set_timm_grad_checkpointing(m.trunk, self.spec, self.modality, enable)
+        elif hasattr(inner, "supports_gradient_checkpointing"):  # HFTextEncoder: a Hugging Face model
+            set_hf_grad_checkpointing(inner, self.spec, self.modality, enable)
+        elif hasattr(inner, "grad_checkpointing"):  # ViT, text transformer: open_clip Transformer
+            inner.grad_checkpointing = enable
+        else:
+            super().set_grad_checkpointing(enable)
+
     def param_groups(self) -> list[list[str]]:
         names = [n for n, _ in self.model.named_parameters()]
+        if self.modality == "text" and type(self.model).__name__ == "HFTextEncoder":
+            # transformer.embeddings | transformer.encoder.layer.<i> ... | pooler, proj
+            return blocks_in_order(names, block_list_name(self.model))
         if self.modality == "text":
             return group_names(names, TEXT_GROUPS)
         kind = type(self.model).__name__

@@ -10,7 +10,14 @@ import torch
 from torch import Tensor
 
 from clipkit.config import TowerConfig
-from clipkit.models.tower_base import TOWERS, Tower, group_names, image_transform, load_state_dict_file
+from clipkit.models.tower_base import (
+    TOWERS,
+    Tower,
+    group_names,
+    image_transform,
+    load_state_dict_file,
+    set_timm_grad_checkpointing,
+)
 from clipkit.registry import suggest
 
 log = logging.getLogger(__name__)
@@ -114,6 +121,9 @@ class TimmTower(Tower):
 
     def transform(self, train: bool) -> Any:
         return image_transform(self.image_size, self.mean, self.std, augment=train and self.augment)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        set_timm_grad_checkpointing(self.model, self.spec, self.modality, enable)
 
     def param_groups(self) -> list[list[str]]:
         # EfficientNet: stem (conv_stem+bn1), each block blocks.i.j, head (conv_head+bn2).

@@ -9,6 +9,9 @@
 - ``checkpoint``     atomic save, pruning, RNG state (reading lives in ``clipkit.models.checkpoints``)
 - ``feature_cache``  locked-tower features computed once and memory-mapped from disk
 - ``metrics``        metrics.csv, TensorBoard, curves.png
+- ``precision``      fp32 / bf16 / fp16 (autocast, the gradient scaler) and the optimizer step under it
+- ``compute``        torch.compile and gradient checkpointing of the model
+- ``system``         the machine (system.json, bf16 / fp16 support detected), throughput, peak memory
 
 Import ``clipkit.training.loop`` for ``train``; this package itself imports nothing heavy.
 """

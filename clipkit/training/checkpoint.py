@@ -5,7 +5,9 @@ Layout: ``<run_dir>/checkpoints/step_00000100.pt`` plus ``step_00000100.json``, 
 file in the same folder, fsynced and renamed (``clipkit.data.atomic``); the sidecar is written
 the same way *after* it. So a checkpoint counts only once its sidecar exists and matches: a
 run killed while saving leaves either a stray temporary file or a ``.pt`` without sidecar, and
-``latest()`` skips both (with a warning) in favour of the previous good one.
+``latest()`` skips both (with a warning) in favour of the previous good one. With
+``train.keep_best``, ``best.pt`` + ``best.json`` (the sidecar plus ``metric`` and ``value``) are
+written the same way beside them; ``latest()`` and pruning never touch them.
 
 The state is a plain dict (see ``clipkit.training.run_state.checkpoint_state``); it holds only
 tensors, numbers, strings, lists and dicts, so it loads with ``torch.load(weights_only=True)``.
@@ -44,6 +46,7 @@ from clipkit.models.checkpoints import (
 __all__ = [
     "STEP_RE",
     "CheckpointError",
+    "best_path",
     "capture_rng",
     "checkpoint_dir",
     "checkpoint_path",
@@ -54,10 +57,12 @@ __all__ = [
     "load_model_state",
     "problem",
     "prune",
+    "read_best",
     "remove_temporaries",
     "resolve_checkpoint",
     "restore_rng",
     "save",
+    "save_best",
     "sidecar_path",
     "write_in_progress",
 ]
@@ -85,6 +90,34 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
 def save(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
     """Write checkpoint ``step`` atomically, then its sidecar; keep the last ``keep_last`` (0 = all)."""
     path = checkpoint_path(run_dir, step)
+    _write(path, step, state)
+    if keep_last > 0:
+        prune(run_dir, keep_last)
+    return path
+
+
+def best_path(run_dir: str | Path) -> Path:
+    """``checkpoints/best.pt`` (sidecar ``best.json``); never "latest", never pruned."""
+    return checkpoint_dir(run_dir) / "best.pt"
+
+
+def save_best(run_dir: str | Path, step: int, state: dict[str, Any], metric: str, value: float) -> Path:
+    """Write ``best.pt`` atomically, then ``best.json``: the usual sidecar plus metric and value."""
+    path = best_path(run_dir)
+    _write(path, step, state, {"metric": metric, "value": float(value)})
+    return path
+
+
+def read_best(run_dir: str | Path) -> dict[str, Any] | None:
+    """``best.json`` of a run whose ``best.pt`` matches it (size), else None."""
+    path = best_path(run_dir)
+    if not path.is_file() or problem(path, check_hash=False) is not None:
+        return None
+    return json.loads(sidecar_path(path).read_text())
+
+
+def _write(path: Path, step: int, state: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """``state`` to ``path`` atomically, then its sidecar (+ ``extra`` fields)."""
     try:
         with atomic_open(path, "wb") as f:
             writer = _HashingWriter(f)
@@ -95,6 +128,7 @@ def save(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int =
             "sha256": writer.sha.hexdigest(),
             "step": step,
             "samples_seen": int(state.get("samples_seen", -1)),
+            **(extra or {}),
         }
         atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=1) + "\n")
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
@@ -106,9 +140,6 @@ def save(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int =
             f"checkpoint is still the latest. Free space in {path.parent} (or move train.output_dir) and "
             "continue with train.resume=latest"
         ) from err
-    if keep_last > 0:
-        prune(run_dir, keep_last)
-    return path
 
 
 def _os_reason(err: BaseException) -> str:
@@ -133,7 +164,9 @@ def remove_temporaries(run_dir: str | Path) -> list[str]:
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir() if p.name.startswith(".step_") and p.name.endswith(".tmp")]
+    stale = [
+        p for p in folder.iterdir() if p.name.startswith((".step_", ".best.")) and p.name.endswith(".tmp")
+    ]
     for path in stale:
         path.unlink(missing_ok=True)
     return [p.name for p in stale]

@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,21 @@ from clipkit.errors import ClipkitError
 from clipkit.losses import build_loss
 from clipkit.losses.stats import embedding_stats
 from clipkit.models import build_model
+from clipkit.models.init import resolve_run_config
 from clipkit.training import checkpoint as ckpt
+from clipkit.training.compute import apply_grad_checkpointing, compile_model, compute_problems
+from clipkit.training.evaluate import plan_evaluation, start_evaluation
 from clipkit.training.feature_cache import FeatureCache, build_feature_cache, why_not_cached
 from clipkit.training.gradcache import grad_cache_step
 from clipkit.training.metrics import MetricsLog, plot_curves
 from clipkit.training.optim import build_optimizer
+from clipkit.training.precision import (
+    MIXED_PRECISION,
+    optimizer_step,
+    precision_problems,
+    scaler_kwargs_handlers,
+    with_cpu_scaler,
+)
 from clipkit.training.report import add_to_window, log, plan_text, reset_window, skip_totals
 from clipkit.training.run_state import checkpoint_state, restore
 from clipkit.training.safety import (
@@ -66,6 +77,8 @@ from clipkit.training.safety import (
 from clipkit.training.sample_log import SampleLog
 from clipkit.training.schedule import build_scheduler
 from clipkit.training.stream import BatchMeta, TrainStream, split_inputs, steps_for, trim
+from clipkit.training.system import peak_memory_columns, system_info, write_system_json
+from clipkit.training.trackers import Trackers, check_trackers, start_trackers
 
 
 @dataclass
@@ -92,7 +105,10 @@ class Run:
     window: dict[str, Any] = field(default_factory=dict)  # sums since the last log row
     nonfinite: NonFiniteSteps = field(default_factory=lambda: NonFiniteSteps(0))
     sample_log: SampleLog | None = None
+    evaluator: Any = None  # clipkit.training.evaluate.Evaluator when an evaluation is configured
     stop: GracefulStop = field(default_factory=GracefulStop)
+    system: dict[str, Any] = field(default_factory=dict)  # clipkit.training.system.system_info
+    trackers: Trackers | None = None  # W&B / MLflow, rank 0 (clipkit.training.trackers)
 
 
 # ---------------------------------------------------------------------------- setup
@@ -101,8 +117,7 @@ class Run:
 def check_train_config(cfg: Config) -> None:
     t, o = cfg.train, cfg.optim
     problems = []
-    if t.precision not in ("fp32", "bf16"):
-        problems.append(f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
+    problems += precision_problems(t) + compute_problems(t)
     if t.samples < 1:
         problems.append(f"train.samples must be >= 1, got {t.samples}")
     if o.accum_steps < 1:
@@ -125,13 +140,17 @@ def check_train_config(cfg: Config) -> None:
 
 
 def make_accelerator(precision: str) -> Accelerator:
-    mixed = "bf16" if precision == "bf16" else "no"
+    mixed = MIXED_PRECISION.get(precision, "no")
     known = AcceleratorState._shared_state.get("_mixed_precision", mixed)
     if known != mixed and not PartialState().use_distributed:
         # accelerate keeps one state per process; a second train() in the same process (a
         # notebook, the tests) with another precision would otherwise be refused.
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    handlers = scaler_kwargs_handlers() if mixed == "fp16" else None
+    # cpu=False with CUDA: accelerate places the model on this rank's GPU and, under torchrun,
+    # joins the NCCL process group; without CUDA, gloo.
+    acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
+    return with_cpu_scaler(acc)  # fp16 on CPU: the scaler and autocast accelerate gives a GPU
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -184,7 +203,13 @@ def prepare_cache(
         return None, f"off ({reason})"
     with acc.main_process_first():  # rank 0 computes, the others then find it complete
         cache, report = build_feature_cache(
-            model, cfg.data, cfg.data.train, run_dir, acc.device, progress=acc.is_local_main_process
+            model,
+            cfg.data,
+            cfg.data.train,
+            run_dir,
+            acc.device,
+            progress=acc.is_local_main_process,
+            precision=cfg.train.feature_cache_precision,
         )
     return cache, f"on: {report}"
 
@@ -209,17 +234,24 @@ def make_stream(cfg: Config, model: nn.Module, acc: Accelerator, cache: FeatureC
 
 
 def setup(cfg: Config) -> Run:
+    cfg = resolve_run_config(cfg)  # model.init -> the towers and heads it fixes (in config.yaml too)
     check_train_config(cfg)
+    evaluation = plan_evaluation(cfg)  # opens the eval datasets, checks train.keep_best: before any work
+    check_trackers(cfg.train)  # tracker names known, packages installed: before any work
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     acc = make_accelerator(cfg.train.precision)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    preflight_shards(cfg.data, acc.num_processes)
+    with warnings.catch_warnings():
+        if not acc.is_main_process:  # errors stop every rank; a warning is printed once
+            warnings.simplefilter("ignore")
+        preflight_shards(cfg.data, acc.num_processes)
     run_dir, resume_from = resolve_run_dir(cfg, acc)
     state = ckpt.load(resume_from) if resume_from else None
     model = build_model(cfg.model).to(acc.device)
     if state is not None:  # before the feature cache: its key is the vision weights' fingerprint
         ckpt.load_model_state(model, state["model"], str(resume_from), state.get("config", {}))
+    checkpointed = apply_grad_checkpointing(model) if cfg.train.grad_checkpointing else []
     loss_fn = build_loss(cfg.loss).to(acc.device)
     if hasattr(loss_fn, "attach"):  # a loss that needs the model (albef_md's EMA copy, a teacher's checks)
         loss_fn.attach(model)
@@ -246,15 +278,23 @@ def setup(cfg: Config) -> Run:
     run.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
     if state is not None:
         restore(run, state)
+    if cfg.train.compile:
+        compile_model(model, cfg.train.compile_backend)
     run.model, run.optimizer = acc.prepare(model, optimizer)
+    run.system = system_info(acc, cfg.train, checkpointed)
     if acc.is_main_process:
+        write_system_json(run_dir, run.system)
+        run.trackers = start_trackers(cfg, run_dir)  # a resume continues trackers.json's runs
         # Resuming (even from no checkpoint): rows and events past the restored step are stale.
-        run.metrics = MetricsLog(run_dir, resume_step=run.step if cfg.train.resume else None)
+        run.metrics = MetricsLog(
+            run_dir, resume_step=run.step if cfg.train.resume else None, trackers=run.trackers
+        )
     acc.wait_for_everyone()  # the run folder exists on every rank
     if cfg.train.log_sample_ids:
         run.sample_log = SampleLog(
             run_dir, acc.process_index, resumed_step=run.step if cfg.train.resume else None
         )
+    run.evaluator = start_evaluation(evaluation, run)
     if state is not None:  # last, so that nothing built above consumes the restored streams
         rngs = state["rng"]
         ckpt.restore_rng(rngs[acc.process_index] if acc.process_index < len(rngs) else rngs[0])
@@ -319,15 +359,15 @@ def train_step(run: Run, micro: list[dict[str, Any]], with_stats: bool) -> dict[
     grad_norm = acc.clip_grad_norm_(params, clip)
     # A non-finite loss or gradient (on any rank) skips the update: parameters, optimizer
     # moments and loss state stay as they were; the schedule still advances with the step.
-    finite = all_ranks_agree(run, math.isfinite(float(grad_norm)) and all(map(math.isfinite, sums.values())))
-    if finite:
-        run.optimizer.step()
-        if hasattr(run.loss_fn, "after_step"):  # e.g. albef_md's EMA update of its momentum model
-            run.loss_fn.after_step(acc.unwrap_model(model))
+    # Under fp16, overflowing gradients are the scaler's (clipkit.training.precision).
+    finite = all(map(math.isfinite, sums.values()))
+    done = optimizer_step(acc, run.optimizer, float(grad_norm), finite, lambda ok: all_ranks_agree(run, ok))
+    if done["updated"] and hasattr(run.loss_fn, "after_step"):  # e.g. albef_md's EMA of its momentum model
+        run.loss_fn.after_step(acc.unwrap_model(model))
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     result = {**sums, "grad_norm": float(grad_norm), "logit_scale": float(out["logit_scale"].detach())}
-    result["nonfinite"] = 0.0 if finite else 1.0
+    result["nonfinite"], result["overflow"] = float(done["nonfinite"]), float(done["overflow"])
     if out.get("logit_bias") is not None:
         result["logit_bias"] = float(out["logit_bias"].detach())
     if with_stats:  # geometry of the last micro-batch's embeddings
@@ -401,6 +441,7 @@ def fit(run: Run) -> None:
             result = train_step(run, [inputs for inputs, _ in micro], with_stats=log_now)
             run.step += 1
             run.samples_seen += samples
+            run.stream.count_sources(meta for _, meta in micro)  # resampled mixtures: per source
             if run.sample_log is not None:
                 run.sample_log.write(run.step, [(meta.epoch, x["idx"].tolist()) for x, meta in micro])
             add_to_window(run, result, samples)
@@ -413,6 +454,8 @@ def fit(run: Run) -> None:
             if log_now:
                 log(run, result)
                 reset_window(run)
+            if run.evaluator is not None:  # every eval.every_samples and after the last step; keep_best
+                run.evaluator.after_step(run, samples, done)
             if _every(cfg.train.checkpoint_every, run.step) and not done:
                 t0 = time.perf_counter()
                 save_checkpoint(run)
@@ -427,13 +470,18 @@ def finish(run: Run, seconds: float) -> None:
     if run.sample_log is not None:
         run.sample_log.close()
     skips, dropped = skip_totals(run)
+    memory = peak_memory_columns(run.acc)  # a collective: every rank
     if not run.acc.is_main_process:
         return
     assert run.metrics is not None
     run.metrics.close()
     plot_curves(run.run_dir)
+    if run.trackers is not None:  # after curves.png, which MLflow keeps
+        summary = {"samples_seen": run.samples_seen, "train_seconds": seconds, "skipped_total": skips.total}
+        run.trackers.finish(run.step, summary)
     print(
-        f"done: step {run.step}, {run.samples_seen:,} samples seen in {seconds:.1f} s; {skips.report()}"
+        f"done: step {run.step}, {run.samples_seen:,} samples seen in {seconds:.1f} s "
+        f"({', '.join(f'{k} {v:.2f}' for k, v in memory.items())}); {skips.report()}"
         + (f"; {dropped} samples of short batches dropped" if dropped else "")
     )
 
@@ -444,6 +492,11 @@ def train(cfg: Config) -> Path:
     if run.acc.is_main_process:
         print(plan_text(run), flush=True)
     t0 = time.perf_counter()
-    fit(run)
-    finish(run, time.perf_counter() - t0)
+    try:
+        fit(run)
+        finish(run, time.perf_counter() - t0)
+    except BaseException:
+        if run.trackers is not None:  # the tracker runs end as failed; a resume continues them
+            run.trackers.close()
+        raise
     return run.run_dir

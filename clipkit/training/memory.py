@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_flatten
 
 from clipkit.config import Config
 from clipkit.errors import ClipkitError
+from clipkit.training.compute import apply_grad_checkpointing
 
 GiB, MiB = 2**30, 2**20
 PROBE_BATCHES = (2, 4)  # samples per tower probe
@@ -95,8 +96,8 @@ class LiveBytes(TorchDispatchMode):
 
 
 def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 
@@ -222,7 +223,10 @@ class MemoryModel:
 
         if micro_batch is not None and micro_batch < 1:
             raise ClipkitError(f"gradient-caching micro-batch must be >= 1, got {micro_batch}")
-        model = model if model is not None else build_model(cfg.model)
+        if model is None:
+            model = build_model(cfg.model)
+            if cfg.train.grad_checkpointing:  # fewer activations kept for the backward
+                apply_grad_checkpointing(model)
         params = list(model.parameters())
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
         a, b = probe_loss(cfg)
@@ -358,6 +362,8 @@ def measure_step(cfg: Config, batch: int, micro_batch: int | None, device: torch
     device = torch.device(device)
     with LiveBytes() as mem:
         model = build_model(cfg.model).to(device)
+        if cfg.train.grad_checkpointing:
+            apply_grad_checkpointing(model)
         loss_fn = build_loss(cfg.loss).to(device)
         if hasattr(loss_fn, "attach"):  # as the training loop does (albef_md's momentum model)
             loss_fn.attach(model)

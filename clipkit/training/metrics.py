@@ -1,15 +1,17 @@
 """Run metrics: ``metrics.csv`` (one row per log step), TensorBoard events in ``tb/``, ``curves.png``.
 
-The CSV header is fixed by the run's first row (columns a later row lacks stay empty, keys a
-later row adds are left out), so one run is one table. On resume, rows and events past the
-checkpoint's step are dropped first: the resumed run logs those steps again.
+One run is one table: a row's missing columns stay empty, and a row with new keys (the first
+evaluation row, ``clipkit.training.evaluate``) extends the header, the file being rewritten
+atomically with the earlier rows' new cells empty. Evaluation rows sit between the training
+rows: same ``step`` column, their metric columns (``val/loss``, ``zeroshot/<name>/acc1``, ...)
+empty on training rows and vice versa. On resume, rows and events past the checkpoint's step
+are dropped first: the resumed run logs those steps again.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +38,18 @@ class MetricsLog:
     """Append rows to ``<run_dir>/metrics.csv`` and scalars to ``<run_dir>/tb``.
 
     ``resume_step``: the step a resumed run continues from (rows after it are removed).
+    ``trackers``: also sent every row (``clipkit.training.trackers.Trackers``), or None.
     """
 
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        trackers: Any = None,
+    ):
         self.path = Path(run_dir) / "metrics.csv"
+        self.trackers = trackers
         self.header, rows = _read_rows(self.path)
         if resume_step is not None and rows:
             kept = [r for r in rows if int(r["step"]) <= resume_step]
@@ -52,17 +62,27 @@ class MetricsLog:
             purge = resume_step + 1 if resume_step is not None else None
             self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge)
 
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.header:
-            self.header = list(row)
-            atomic_write_text(self.path, _csv_text(self.header, []))
+    def write(self, row: dict[str, Any], scalars: dict[str, float] | None = None) -> None:
+        """Append ``row``; its numbers go to TensorBoard as ``train/<key>``, or, given ``scalars``,
+        those instead under their own tags (e.g. ``zeroshot/<name>/acc1``)."""
+        new = [k for k in row if k not in self.header]
+        if new:  # first row, or a row with new columns: (re)write the header, keep the rows
+            _, rows = _read_rows(self.path)
+            self.header += new
+            atomic_write_text(self.path, _csv_text(self.header, rows))
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.header, extrasaction="ignore", restval="").writerow(row)
         if self.writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(f"train/{key}", value, global_step=int(row["step"]))
+            step = int(row["step"])
+            if scalars is None:
+                scalars = {
+                    f"train/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"
+                }
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, global_step=step)
             self.writer.flush()
+        if self.trackers is not None:  # W&B / MLflow: same row, same step
+            self.trackers.log(row)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -70,7 +90,8 @@ class MetricsLog:
 
 
 def plot_curves(run_dir: str | Path) -> Path | None:
-    """``curves.png``: loss (and its parts) and logit scale against the step; None without metrics."""
+    """``curves.png``: loss (and its parts, and val/loss), logit scale and, when the run evaluated,
+    the evaluation metrics against the step; None without metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,20 +102,34 @@ def plot_curves(run_dir: str | Path) -> Path | None:
     if not rows:
         return None
 
-    def col(name: str) -> list[float]:
-        return [float(r[name]) if r.get(name) not in (None, "") else math.nan for r in rows]
+    def series(name: str) -> tuple[list[float], list[float]]:
+        # (steps, values) of the rows that have the column: training and evaluation rows
+        # interleave, each leaving the other's columns empty.
+        pts = [(float(r["step"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
+        return [x for x, _ in pts], [y for _, y in pts]
 
-    steps = col("step")
     parts = [h for h in header if h.startswith("loss_")]
-    fig, (ax_loss, ax_scale) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(steps, col("loss"), label="loss", linewidth=2)
+    val_losses = [h for h in header if h.startswith("val/")]
+    scores = [h for h in header if h.startswith(("zeroshot/", "retrieval/", "linear_probe/"))]
+    fig, axes = plt.subplots(1, 3 if scores else 2, figsize=(16.5 if scores else 11, 4))
+    ax_loss, ax_scale = axes[0], axes[1]
+    ax_loss.plot(*series("loss"), label="loss", linewidth=2)
     for name in parts:
-        ax_loss.plot(steps, col(name), label=name, linewidth=1, alpha=0.7)
-    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+        ax_loss.plot(*series(name), label=name, linewidth=1, alpha=0.7)
+    for name in val_losses:
+        ax_loss.plot(*series(name), label=name, linestyle="--", marker="o", markersize=3)
+    ax_loss.set(
+        xlabel="step", ylabel="loss", title="training loss" + (" and validation" if val_losses else "")
+    )
     ax_loss.legend()
-    ax_scale.plot(steps, col("logit_scale"), color="tab:red")
+    ax_scale.plot(*series("logit_scale"), color="tab:red")
     ax_scale.set(xlabel="step", ylabel="exp(log scale)", title="logit scale (1 / temperature)")
-    for ax in (ax_loss, ax_scale):
+    if scores:
+        for name in scores:
+            axes[2].plot(*series(name), label=name, marker="o", markersize=3)
+        axes[2].set(xlabel="step", ylabel="score", title="evaluation")
+        axes[2].legend(fontsize=7)
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "curves.png"

@@ -13,6 +13,7 @@ from accelerate.utils import gather_object
 from clipkit.config import to_dict
 from clipkit.errors import ClipkitError
 from clipkit.training import checkpoint as ckpt
+from clipkit.training.precision import load_scaler_state, scaler_state
 
 if TYPE_CHECKING:
     from clipkit.training.loop import Run
@@ -38,6 +39,8 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "skip_seen": run.stream.skip.seen,
         "dropped": run.stream.dropped,
         "nonfinite": run.nonfinite.total,
+        "grad_scaler": scaler_state(run.acc),  # fp16: scale and growth tracker; else None
+        "scaler_skipped": run.nonfinite.overflows,
         "rng": rngs,  # one entry per rank
         "stream": streams,  # one entry per rank: each worker's position (exact resume)
         "config": to_dict(run.cfg),
@@ -58,12 +61,15 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.step = run.last_saved = int(state["step"])
     run.samples_seen = int(state["samples_seen"])
     run.nonfinite.total = int(state.get("nonfinite", 0))
+    run.nonfinite.overflows = int(state.get("scaler_skipped", 0))
+    load_scaler_state(run.acc, state.get("grad_scaler"))
     streams = state.get("stream") or []
     mine = streams[run.acc.process_index] if run.acc.process_index < len(streams) else {}
     if mine.get("positions") is not None:  # exact: each worker goes on where it was
         run.stream.load_state_dict(mine)
     else:  # no positions (an older checkpoint, a hard-negative pass): reseed with (seed, epoch, step)
         run.stream.epoch, run.stream.start_step = int(state["epoch"]), run.step
+        run.stream.sources_seen = [int(n) for n in mine.get("sources", [])]
         if run.acc.is_main_process:
             print(
                 f"note: the checkpoint holds no exact data-stream position; epoch {run.stream.epoch} restarts reseeded"

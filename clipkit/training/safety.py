@@ -1,6 +1,6 @@
 """Guards around a training run: pre-flight checks, the stall watchdog, graceful signals.
 
-preflight_shards(cfg.data, world)   shard count vs readers; every local shard opens as a tar
+preflight_shards(cfg.data, world)   shard count vs readers (unless resampled); every local shard opens
 check_run_folder(run_dir, need)     a probe write and the free space, before any step
 Watchdog(timeout, describe)         reports when the loop waits for a batch too long
 NonFiniteSteps(limit)               skipped non-finite steps; stops the run after `limit` in a row
@@ -46,18 +46,21 @@ def preflight_shards(cfg: DataConfig, world: int) -> None:
 
     Too few shards for the readers is an error; a count that is not a multiple of the
     readers a warning (some readers run dry early each epoch and their peers' last batches
-    wait alone). Every local shard is opened and its first header checked (one block each);
-    an unreadable one is an error, or a warning with ``data.on_error=skip``.
+    wait alone). With ``data.resampled`` every reader draws from all shards: any count will
+    do. Every local shard is opened and its first header checked (one block each); an
+    unreadable one is an error, or a warning with ``data.on_error=skip``.
     """
     urls = expand_urls(cfg.train)
     readers = max(1, cfg.workers) * world
-    if len(urls) < readers:
+    if cfg.resampled:
+        pass  # no dealing out, no minimum (clipkit.data.resample)
+    elif len(urls) < readers:
         raise ClipkitError(
             f"{len(urls)} training shard(s) for {world} rank(s) x {max(1, cfg.workers)} loader worker(s) = "
-            f"{readers} readers: every reader needs its own shard(s); write at least {readers} shards "
-            f"or lower data.workers"
+            f"{readers} readers: every reader needs its own shard(s); write at least {readers} shards, "
+            f"lower data.workers, or set data.resampled=true (shards drawn with replacement)"
         )
-    if len(urls) % readers:
+    elif len(urls) % readers:
         warnings.warn(
             f"{len(urls)} training shards over {readers} readers ({world} rank(s) x {max(1, cfg.workers)} "
             f"worker(s)) is uneven: some readers get one shard more, so each epoch ends with only some of "
@@ -163,13 +166,19 @@ class NonFiniteSteps:
     """Counts optimizer steps skipped for a non-finite loss or gradient (``total``, ``streak``).
 
     ``count(step, result, last_good)`` after each step: None for a finite one, else the line
-    to log; raises ``ClipkitError`` at ``limit`` skipped steps in a row (0 = never).
+    to log; raises ``ClipkitError`` at ``limit`` skipped steps in a row (0 = never). A step the
+    fp16 gradient scaler skipped (``result["overflow"]``, ``clipkit.training.precision``) is
+    not a bad step: it is counted in ``overflows`` and neither extends nor ends the streak.
     """
 
     def __init__(self, limit: int, total: int = 0):
         self.limit, self.total, self.streak = limit, total, 0
+        self.overflows = 0
 
     def count(self, step: int, result: dict[str, float], last_good: Callable[[], Path | None]) -> str | None:
+        if result.get("overflow"):
+            self.overflows += 1
+            return None
         if not result["nonfinite"]:
             self.streak = 0
             return None

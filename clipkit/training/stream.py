@@ -12,6 +12,10 @@ Training length is a budget of samples (``train.samples``), not a number of epoc
   rounded up to a multiple of ``world_size``: every rank needs the same batch size).
 - Each pass is seeded with ``stream_seed(train.seed, epoch, step the pass started at)``; the
   shard order, each (rank, worker)'s shards and its sample shuffle follow from that seed.
+- With ``data.resampled`` (``clipkit.data.resample``) the loader never ends: there is one
+  endless pass, the epoch stays 0 and nothing is dropped; ``train.samples`` alone sets the
+  length. Batches then carry each sample's source, and the stream counts the trained samples
+  per source (``count_sources``, ``sources_seen``: metrics.csv's ``samples_src<i>``).
 
 Model inputs and bookkeeping. A loader batch is one dict; the stream reads its bookkeeping
 (``"skipped"`` into ``skip``, ``"stream"`` into the resume state, ``"key"`` for the batch
@@ -63,17 +67,19 @@ def steps_for(samples: int, per_step: int) -> int:
 
 
 MODEL_INPUTS = ("image", "image_features", "text", "idx")  # what the model and the loss may read
-BOOKKEEPING = ("key", "skipped", "epoch", "stream")  # what the loader and the stream add
+BOOKKEEPING = ("key", "skipped", "epoch", "stream", "source")  # what the loader and the stream add
 
 
 @dataclass
 class BatchMeta:
     """What travels beside a batch's model inputs: its sample keys, the pass it came from and
-    the samples its worker skipped before it (already counted by the stream)."""
+    the samples its worker skipped before it (already counted by the stream), and, resampled,
+    each sample's source."""
 
     keys: list[str]
     epoch: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    sources: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -97,6 +103,7 @@ def split_inputs(batch: dict[str, Any], epoch: int | None = None) -> tuple[dict[
         keys=list(batch.get("key", [])),
         epoch=int(batch.get("epoch", 0) if epoch is None else epoch),
         skipped=dict(batch.get("skipped", {})),
+        sources=list(batch.get("source", [])),
     )
     return inputs, meta
 
@@ -143,6 +150,7 @@ class TrainStream:
         self._positions: list[dict[str, Any] | None] = []  # per worker, after its last consumed batch
         self._next_worker = 0
         self._resume: dict[str, Any] | None = None  # for the next pass opened (load_state_dict)
+        self.sources_seen: list[int] = []  # resampled: this rank's trained samples per source
 
     # ------------------------------------------------------------------ state
 
@@ -158,14 +166,23 @@ class TrainStream:
             "readers": int(self.loader.readers) if exact else 0,
             "next_worker": self._next_worker,
             "positions": list(self._positions) if exact else None,
+            "sources": list(self.sources_seen),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.start_step = int(state["epoch"]), int(state["start_step"])
+        self.sources_seen = [int(n) for n in state.get("sources", [])]
         self._it = None
         if state.get("positions") is not None:
             self._resume = {k: state[k] for k in ("shards", "readers", "next_worker", "positions")}
             self._full = int(state["full"])
+
+    def count_sources(self, metas: Iterable[BatchMeta]) -> None:
+        """Add the trained micro-batches' samples to ``sources_seen`` (resampled batches only)."""
+        for meta in metas:
+            for source in meta.sources:
+                self.sources_seen.extend([0] * (source + 1 - len(self.sources_seen)))
+                self.sources_seen[source] += 1
 
     # ------------------------------------------------------------------ batches
 
@@ -240,7 +257,9 @@ class TrainStream:
             else "the loader (in this process)"
         )
         progress = getattr(loader, "progress", None)
-        shards = worker_shards(list(getattr(loader, "shards", [])), w, n)
+        shards = list(getattr(loader, "shards", []))
+        if not getattr(loader, "resampled", False):  # resampled: progress indexes all the shards
+            shards = worker_shards(shards, w, n)
         if progress is None:
             return who
         shard, sample = int(progress[2 * w]), int(progress[2 * w + 1])

@@ -8,8 +8,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-# Debian packages: chromium drives the search page test; openclipart gives real clip-art.
-DEBS := chromium openclipart-png openclipart-svg
+# Debian packages: chromium drives the search page test; openclipart gives real clip-art;
+# oxygen-icon-theme (~38 MB) the out-of-domain icon set (data_tools/build_ood_icons.py).
+DEBS := chromium openclipart-png openclipart-svg oxygen-icon-theme
 
 .PHONY: demo test bench lint debs venv clean
 

@@ -28,6 +28,61 @@ class ConfigError(ClipkitError, ValueError):
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    # Image augmentation of a vision tower's training transform (clipkit.data.augment), used by
+    # model.vision.augment=true: uncached, drawn anew per sample and step; with train.cache_views=K,
+    # K views per image computed once into the feature cache. Steps run in this order.
+    # RandomResizedCrop: the crop's area fraction and aspect-ratio range (open_clip's defaults).
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    # Probability of a horizontal flip.
+    hflip: float = 0.0
+    # Probability of the image's silhouette: pixels unlike the border's colour white, the rest
+    # black (emoji / clip-art -> silhouettes such as Animal-MNIST's).
+    silhouette: float = 0.0
+    # Colour jitter (torchvision ColorJitter): brightness, contrast and saturation factors drawn
+    # from [1 - x, 1 + x], hue shifted by up to +-hue (<= 0.5); 0 = that jitter off.
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    # Probability of a grayscale image (3 equal channels).
+    grayscale: float = 0.0
+    # Probability of inverted colours (white-on-black silhouettes <-> black-on-white drawings).
+    invert: float = 0.0
+    # Probability of a Gaussian blur, its sigma drawn from blur_sigma (pixels of the output).
+    blur: float = 0.0
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # Seed of the cached views (train.cache_views): view v of sample key k is drawn from
+    # (view_seed, k, v) alone. Another seed, or any other setting here, is another cache folder.
+    view_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_augment(self)
+
+
+def _check_augment(cfg: AugmentConfig) -> None:
+    """Ranges of model.<tower>.augmentation (see AugmentConfig)."""
+
+    def pair(name: str, lo: float, hi: float) -> None:
+        v = getattr(cfg, name)
+        if len(v) != 2 or not lo <= v[0] <= v[1] <= hi:
+            raise ConfigError(f"augmentation.{name} must be [low, high] in [{lo}, {hi}], got {v}")
+
+    pair("scale", 1e-6, 1.0)
+    pair("ratio", 1e-6, math.inf)
+    pair("blur_sigma", 1e-6, math.inf)
+    for name in ("hflip", "silhouette", "grayscale", "invert", "blur"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"augmentation.{name} is a probability in [0, 1], got {getattr(cfg, name)}")
+    for name in ("brightness", "contrast", "saturation"):
+        if not 0.0 <= getattr(cfg, name):
+            raise ConfigError(f"augmentation.{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.hue <= 0.5:
+        raise ConfigError(f"augmentation.hue must be in [0, 0.5], got {cfg.hue}")
+
+
+@dataclass(frozen=True)
 class TowerConfig:
     # Tower spec by prefix: "timm:<arch>", "hf:<dir or 'minilm'>", "open_clip:<model config>".
     name: str = ""
@@ -43,9 +98,11 @@ class TowerConfig:
     # Vision towers: input side in pixels. Text towers: tokenizer context length.
     image_size: int = 224
     context_length: int = 64
-    # Vision towers: random-resized-crop augmentation when training (off = the eval
-    # transform is used for training too, so a locked tower's features can be cached).
+    # Vision towers: augmentation when training, as set in `augmentation` (off = the eval
+    # transform is used for training too, so a locked tower's features can be cached; with
+    # train.cache_views=K > 1 augmented views are cached too).
     augment: bool = False
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass(frozen=True)
@@ -110,6 +167,13 @@ class DataConfig:
     # and shuffle the word order. Drawn per sample from (seed, epoch, key): deterministic.
     word_dropout: float = 0.0
     word_shuffle: bool = False
+    # Caption templates in training (clipkit.data.caption_templates): each caption (after word
+    # dropout / shuffle) goes into a template drawn per sample from (seed, epoch, key), e.g.
+    # "an emoji of {}." ({} or {c} marks the caption), so training captions look like test
+    # prompts. An entry ending in .txt without braces is a file, one template per line.
+    caption_templates: list[str] = field(default_factory=list)
+    # Probability that a training caption is templated; the others keep the raw caption.
+    caption_template_prob: float = 1.0
     hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig)
     # Training only (clipkit.data.resample): each (rank, worker) draws shards with replacement,
     # endlessly, from an RNG seeded by (seed, rank, worker); any number of shards feeds any
@@ -124,6 +188,37 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_mixture(self)
+        _check_caption_templates(self)
+
+
+def is_template_file(entry: str) -> bool:
+    """Whether a data.caption_templates entry names a file of templates (not a template)."""
+    return entry.endswith(".txt") and "{" not in entry and "}" not in entry
+
+
+def caption_template_error(template: str) -> str | None:
+    """Why ``template`` cannot wrap a caption, or None: it must format with
+    ``template.format(caption, c=caption)`` and contain the caption."""
+    marker = "\x00caption\x00"
+    try:
+        ok = marker in template.format(marker, c=marker)
+    except (KeyError, IndexError, ValueError, AttributeError):
+        ok = False
+    if ok:
+        return None
+    return (
+        f"caption template {template!r} must contain '{{}}' or '{{c}}' for the caption and no other "
+        "'{...}' field (write '{{' and '}}' for literal braces)"
+    )
+
+
+def _check_caption_templates(cfg: DataConfig) -> None:
+    """Inline data.caption_templates now; template files when the training loader is built."""
+    for entry in cfg.caption_templates:
+        if not is_template_file(entry) and (err := caption_template_error(entry)):
+            raise ConfigError(f"data.caption_templates: {err}; or name a .txt file, one template per line")
+    if not 0.0 <= cfg.caption_template_prob <= 1.0:
+        raise ConfigError(f"data.caption_template_prob must be in [0, 1], got {cfg.caption_template_prob}")
 
 
 def _check_mixture(cfg: DataConfig) -> None:
@@ -199,6 +294,15 @@ class TrainConfig:
     # Precision of the locked tower while it fills the cache: "fp32", or "bf16" autocast (about
     # 2x faster on CPUs with AVX512-BF16; ~3 significant digits; a cache of its own).
     feature_cache_precision: Literal["fp32", "bf16"] = "fp32"
+    # With model.vision.unlocked_layers=k on a locked vision tower, the feature cache keeps the
+    # activations entering the top k layers instead (clipkit.training.partial_cache), unless its
+    # estimated size (float16) exceeds this many GB; then the run trains without a cache.
+    partial_cache_max_gb: float = 4.0
+    # Augmented views in the feature cache (needs model.vision.augment=true): K > 1 stores K views
+    # of each image, computed once (view 0 the eval transform, views 1..K-1 augmented per
+    # model.vision.augmentation); each training step draws one per sample from (seed, epoch, key).
+    # 0 or 1 = one deterministic view (an augmenting tower is then not cached).
+    cache_views: int = 0
     log_every: int = 10
     # Use deterministic algorithms (bit-identical reruns).
     deterministic: bool = False
@@ -271,6 +375,16 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        views = self.train.cache_views
+        if views < 0:
+            raise ConfigError(f"train.cache_views must be >= 0, got {views}")
+        if views > 1 and not self.model.vision.augment:
+            raise ConfigError(
+                f"train.cache_views={views} caches augmented views, but model.vision.augment=false: set "
+                "model.vision.augment=true (settings: model.vision.augmentation.*) or train.cache_views=0"
+            )
 
 
 # ----------------------------------------------------------------------------- building

@@ -31,6 +31,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from clipkit.data.atomic import atomic_write_text
 from clipkit.data.build import BuildOptions, build_shards
 from clipkit.data.builders import BUILDERS
 from clipkit.data.imageops import ImageOptions
@@ -140,6 +141,8 @@ def build(
         )
         counts[split], counts[f"{split}_shards"] = stats["samples"], stats["shards"]
         counts[f"{split}_dropped"] = stats["errors"]
+    # captioned pairs: `clipkit eval` reads the folder as a retrieval set, as it does emoji's
+    atomic_write_text(Path(out_dir) / "dataset_type.txt", "retrieval\n")
     return counts
 
 

@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
 
 from clipkit.data.shards import read_sizes
 from clipkit.data.tario import iter_samples
+from clipkit.evaluation.dataspec import open_dataset
 from data_tools import build_openclipart as oc
 
 
@@ -58,6 +59,9 @@ def test_small_build_is_readable_and_rerun_is_a_no_op(tmp_path):
         img = Image.open(io.BytesIO(s["jpg"]))
         assert img.format == "JPEG" and max(img.size) <= 256 and img.mode == "RGB"
         assert s["txt"].decode().strip()
+    # a retrieval set for `clipkit eval`: its val split scores image <-> caption retrieval
+    ds = open_dataset(f"{tmp_path}:val")
+    assert ds.task == "zeroshot_retrieval" and len(list(ds)) == counts["val"]
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "train").glob("*.tar")}
     assert oc.build(tmp_path, limit=40, shard_size=16) == counts
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "train").glob("*.tar")} == before

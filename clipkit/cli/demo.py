@@ -1,8 +1,10 @@
 """The job behind ``clipkit demo``: real data, a LiT model trained on the CPU, before/after scores.
 
-1. Build the emoji shards (twemoji images + names) and the Animal-MNIST zero-shot set.
+1. Build the emoji shards (twemoji images + names) and the Animal-MNIST zero-shot set, and
+   any other bundled source the recipe reads from data/<name>/ (``openclipart``).
 2. Score the untrained model: pretrained towers, freshly initialised projections.
-3. Train ``train/lit_emoji.yaml`` (locked EfficientNet-Lite0 + MiniLM, CLIP loss).
+3. Train the recipe: ``train/lit_emoji.yaml`` (locked EfficientNet-Lite0 + MiniLM, CLIP loss)
+   unless ``--recipe`` names another (``train/lit_mix.yaml``: emoji + openclipart).
 4. Score the trained model and print one before/after table; JSON goes to the run folder.
 
 The image tower is locked, so the eval sets go through it once (``evaluation.cached``) and
@@ -53,13 +55,43 @@ class Listed:
         return len(self.samples)
 
 
-def build_data(data_root: Path) -> tuple[Path, Path]:
-    from data_tools import build_animal_mnist, build_emoji
+def recipe_sources(cfg: Config) -> list[str]:
+    """The bundled sources (BUILDERS names) that the recipe's data.train / data.val read from
+    data/<folder>/..., in order: "data/openclipart/train" -> "openclipart"."""
+    from clipkit.data.builders import BUILDERS
+    from data_tools import load_builders
+
+    load_builders()
+    names = []
+    for part in f"{cfg.data.train}::{cfg.data.val}".split("::"):
+        parts = Path(part.strip()).parts
+        name = parts[1].replace("_", "-") if len(parts) > 1 and parts[0] == "data" else ""
+        if name in BUILDERS.names() and name not in names:
+            names.append(name)
+    return names
+
+
+def relocate(spec: str, data_root: Path) -> str:
+    """``spec`` (a "::" list) with each leading "data/" replaced by ``data_root``."""
+    parts = [p.strip() for p in spec.split("::")]
+    return "::".join(str(data_root / p[len("data/") :]) if p.startswith("data/") else p for p in parts)
+
+
+def build_data(data_root: Path, extra: list[str] | tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Build emoji and Animal-MNIST (the demo's scores read them) and the ``extra`` bundled
+    sources a recipe trains on (``openclipart``), each into data_root/<name with '_'>."""
+    from clipkit.data.builders import BUILDERS
+    from data_tools import build_animal_mnist, build_emoji, load_builders
 
     emoji, animals = data_root / "emoji", data_root / "animal_mnist"
     print(f"[1/4] data: emoji shards -> {emoji}, Animal-MNIST -> {animals}", flush=True)
     print(f"      emoji: {build_emoji.build(emoji)}", flush=True)
     print(f"      animal-mnist: {build_animal_mnist.build(animals)}", flush=True)
+    load_builders()
+    for name in [n for n in extra if n not in ("emoji", "animal-mnist")]:
+        out, t0 = data_root / name.replace("-", "_"), time.perf_counter()
+        counts = BUILDERS.get(name)(out)
+        print(f"      {name} -> {out}: {counts} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return emoji, animals
 
 
@@ -105,7 +137,9 @@ def write_results(run_dir: Path, cfg: Config, results: dict[str, dict]) -> None:
             write_result(path, datasets[task], model_name, f"{run_dir}#{state}", tasks[task], values)
 
 
-def run_demo(overrides: list[str], data_root: Path, zeroshot_per_class: int) -> Path:
+def run_demo(
+    overrides: list[str], data_root: Path, zeroshot_per_class: int, recipe: str | Path = RECIPE
+) -> Path:
     from clipkit.evaluation.cached import tower_feature_dataset
     from clipkit.evaluation.datasets import ClipBenchmarkWds
     from clipkit.evaluation.report import format_table
@@ -113,14 +147,18 @@ def run_demo(overrides: list[str], data_root: Path, zeroshot_per_class: int) -> 
     from clipkit.models.load import load_trained
     from clipkit.training.loop import seed_everything, train
 
-    if not RECIPE.is_file():
-        raise ClipkitError(f"demo recipe {RECIPE} is missing; run the demo from a clipkit checkout")
+    recipe = Path(recipe)
+    if not recipe.is_file() and (REPO / recipe).is_file():  # train/lit_mix.yaml from elsewhere
+        recipe = REPO / recipe
+    if not recipe.is_file():
+        raise ClipkitError(f"demo recipe {recipe} is missing; run the demo from a clipkit checkout")
     t0 = time.perf_counter()
-    emoji_dir, animal_dir = build_data(data_root)
-    # The recipe names data/emoji; --data moves the shards, so the recipe follows them (the
-    # user's own overrides still come last and win).
-    where = [f"data.train={emoji_dir / 'train'}", f"data.val={emoji_dir / 'val'}"]
-    cfg = load_config(RECIPE, where + list(overrides))
+    named = load_config(recipe, list(overrides))
+    emoji_dir, animal_dir = build_data(data_root, recipe_sources(named))
+    # The recipe names data/emoji (data/openclipart ...); --data moves the shards, so the recipe
+    # follows them (the user's own overrides still come last and win).
+    where = [f"data.{k}={relocate(getattr(named.data, k), data_root)}" for k in ("train", "val")]
+    cfg = load_config(recipe, where + list(overrides))
     seed_everything(cfg.train.seed, False)
     untrained = build_model(cfg.model)
 
@@ -133,7 +171,7 @@ def run_demo(overrides: list[str], data_root: Path, zeroshot_per_class: int) -> 
     rt_feats = tower_feature_dataset(untrained, emoji_val, cfg.eval.batch_size, "emoji val", precision)
     before = score(untrained, zs_feats, rt_feats, cfg.eval.batch_size)
 
-    print(f"[3/4] training {RECIPE.relative_to(REPO)}", flush=True)
+    print(f"[3/4] training {recipe}", flush=True)
     run_dir = train(cfg)
 
     print("[4/4] scoring the trained model", flush=True)

@@ -1,4 +1,4 @@
-"""The one ``clipkit`` command: ``clipkit {data,train,eval,index,demo} ...``.
+"""The one ``clipkit`` command: ``clipkit {data,train,eval,export,index,sweep,demo} ...``.
 
 Each subcommand lives in its own module under ``clipkit/cli/`` and exposes
 ``add_parser(subparsers)`` and ``run(args) -> int``. Imports of heavy libraries happen
@@ -14,7 +14,7 @@ import sys
 
 from clipkit.errors import ClipkitError
 
-SUBCOMMANDS = ["data", "train", "eval", "export", "index", "demo"]
+SUBCOMMANDS = ["data", "train", "eval", "export", "index", "sweep", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

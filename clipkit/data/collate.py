@@ -4,6 +4,7 @@ A prepared sample is ``{"key", "idx", "caption", "image" | "image_features"}`` (
 a (3, H, W) float tensor, or an (H, W, 3) uint8 array for the fast image plan). The batch::
 
     "image"  (B, 3, H, W) float   or  "image_features" (B, F) float32
+                                  or  "image_activations" (B, *S) float32 (partial feature cache)
     "text"   (B, L) long          token ids
     "key"    list[str]
     "idx"    (B,) long            -1 for a sample without an idx member
@@ -38,8 +39,9 @@ def collate(
     if text.ndim != 2 or text.shape[0] != len(samples):
         raise ValueError(f"tokenize must return (B, L) token ids, got shape {tuple(text.shape)}")
     batch: dict[str, Any] = {}
-    if "image_features" in samples[0]:
-        batch["image_features"] = torch.from_numpy(np.stack([s["image_features"] for s in samples]))  # (B, F)
+    cached = next((k for k in ("image_features", "image_activations") if k in samples[0]), None)
+    if cached:  # (B, F) pooled tower outputs, or (B, *S) activations entering its unlocked top layers
+        batch[cached] = torch.from_numpy(np.stack([s[cached] for s in samples]))
     elif fast is not None:
         batch["image"] = fast.collate([s["image"] for s in samples])  # (B, 3, H, W)
     else:

@@ -366,9 +366,11 @@ class HardNegativeSampler:
                     continue
                 image = batch.get("image")
                 feats = batch.get("image_features")
+                acts = batch.get("image_activations")  # the partial feature cache's
                 img = model.encode_image(
                     image=None if image is None else image.to(acc.device),
                     image_features=None if feats is None else feats.to(acc.device),
+                    image_activations=None if acts is None else acts.to(acc.device),
                 )
                 txt = model.encode_text(batch["text"].to(acc.device))
                 parts.append((batch["idx"].numpy(), img.float().cpu().numpy(), txt.float().cpu().numpy()))

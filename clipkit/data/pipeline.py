@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipkit.config import DataConfig
 from clipkit.data import resume as resume_state
 from clipkit.data.assign import rank_shards, worker_of, worker_shards
+from clipkit.data.caption_templates import resolve_templates
 from clipkit.data.collate import collate, skip_carrier
 from clipkit.data.fast_transform import draft_size_of
 from clipkit.data.prepare import FeatureLookup, SamplePreparer
@@ -132,7 +133,8 @@ class ShardDataset(IterableDataset):
         self.first_worker = resume["next_worker"] if resume else 0
         self.progress = progress  # shared (shard, sample) per worker, for the stall watchdog
         self.sizes = shard_sizes(shards)
-        self.samples = SamplePreparer(cfg, image_transform, feature_lookup)
+        # Training draws one of a lookup's views per sample, from (seed, epoch, key) (augment.py).
+        self.samples = SamplePreparer(cfg, image_transform, feature_lookup, (seed, epoch) if train else None)
         self.want, self.prepare = self.samples.want, self.samples.prepare
 
     def skip_counter(self) -> SkipCounter:
@@ -141,7 +143,7 @@ class ShardDataset(IterableDataset):
     def collate(self, samples: list[dict[str, Any]], skips: SkipCounter) -> dict[str, Any]:
         """The batch of ``samples``, carrying the skips counted since the previous one."""
         captions = None
-        if self.train:  # word dropout / shuffle, when configured (clipkit.data.text_augment)
+        if self.train:  # word dropout / shuffle, caption templates, when configured (text_augment)
             captions = augment_captions(samples, self.cfg, self.seed, self.epoch)
         batch = collate(samples, self.tokenize, captions=captions, fast=self.samples.fast)
         batch["skipped"] = skips.take()
@@ -275,7 +277,9 @@ def build_loader(
     ``train`` and ``cfg.resampled``, an endless stream of resampled shards instead.
 
     ``feature_lookup`` (``key in lookup``, ``lookup.get(key) -> (F,) array``) replaces image
-    decoding by cached locked-tower features: batches then carry ``"image_features"``.
+    decoding by cached locked-tower features: batches then carry ``"image_features"``. A lookup
+    with ``views`` > 1 (``train.cache_views``) serves, in train mode, one view per sample drawn
+    from (seed, epoch, key) (``clipkit.data.augment.draw_view``), else view 0.
     The returned DataLoader also has ``.shards`` (this rank's) and ``.num_samples`` (this
     rank's sample count from ``sizes.json``, or None), ``.readers`` (its workers, at least 1)
     and ``.progress`` (shared ints: shard index in worker w's list at ``2w``, samples read of
@@ -289,6 +293,8 @@ def build_loader(
     if feature_lookup is None and image_transform is None:
         raise ValueError("build_loader needs an image_transform unless a feature_lookup is given")
     _check_setup(cfg, rank, world_size)
+    if train:  # a bad template file fails here, in the main process, before any batch
+        resolve_templates(cfg.caption_templates)
     sources = None
     if train and cfg.resampled:  # every (rank, worker) draws from all shards: no minimum
         sources = source_lists(urls, cfg.train_weights)

@@ -7,6 +7,8 @@ other text-side part, is ``loss.args.label_smoothing`` of ``clip``). Words are w
 separated; a caption never loses its last word. The draws of a sample come from
 ``(seed, epoch, key)`` alone (and, resampled, the sample's draw: a repeat is augmented anew), so a caption's augmentation does not depend on the loader
 worker, the shuffle or what was read before it (a resumed stream gives the same captions).
+Caption templates (``data.caption_templates``, ``clipkit.data.caption_templates``) wrap the
+augmented caption afterwards.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from clipkit.config import DataConfig
+from clipkit.data.caption_templates import apply_template, resolve_templates, sample_rng
 
 
 def check_options(word_dropout: float) -> None:
@@ -37,17 +40,19 @@ def augment_caption(caption: str, word_dropout: float, word_shuffle: bool, rng: 
 
 def augment_captions(samples: Sequence[dict[str, Any]], cfg: DataConfig, seed: int, epoch: int) -> list[str]:
     """The captions of ``samples`` (dicts with "caption", "key" and, resampled, "draw"), augmented
-    per ``cfg``."""
+    per ``cfg``: word dropout / shuffle on the raw caption, then the caption template
+    (``clipkit.data.caption_templates``), each from an RNG of its own."""
     captions = [s["caption"] for s in samples]
-    if not cfg.word_dropout and not cfg.word_shuffle:
-        return captions
-    check_options(cfg.word_dropout)
-    return [
-        augment_caption(
-            c,
-            cfg.word_dropout,
-            cfg.word_shuffle,
-            random.Random(f"{seed}:{epoch}:{s['key']}:text" + (f":{s['draw']}" if "draw" in s else "")),
-        )
-        for c, s in zip(captions, samples)
-    ]
+    if cfg.word_dropout or cfg.word_shuffle:
+        check_options(cfg.word_dropout)
+        captions = [
+            augment_caption(c, cfg.word_dropout, cfg.word_shuffle, sample_rng(seed, epoch, s, "text"))
+            for c, s in zip(captions, samples)
+        ]
+    if cfg.caption_templates:
+        templates, prob = resolve_templates(cfg.caption_templates), cfg.caption_template_prob
+        captions = [
+            apply_template(c, templates, prob, sample_rng(seed, epoch, s, "template"))
+            for c, s in zip(captions, samples)
+        ]
+    return captions

@@ -12,7 +12,7 @@ from torch.func import functional_call
 from clipkit.losses.base import LOSSES, pair, upcast
 from clipkit.losses.gather import all_gather_cat, gather_features
 
-MODEL_INPUTS = ("image", "image_features", "text")  # what DualEncoder.forward reads from a batch
+MODEL_INPUTS = ("image", "image_features", "image_activations", "text")  # what DualEncoder.forward reads
 
 
 @LOSSES.register("albef_md")

@@ -104,6 +104,11 @@ class TeacherLoss(nn.Module):
             }
         if batch is None:
             raise KeyError(f"loss '{name}' needs the batch: its teacher embeds the student's inputs")
+        if batch.get("image_activations") is not None:
+            raise ClipkitError(
+                f"loss '{name}': the batch carries the partial feature cache's activations, which only the "
+                "student's vision tower reads; train with train.feature_cache=false"
+            )
         if batch.get("image_features") is not None and not self.teacher_reads_cached_features:
             raise ClipkitError(
                 f"loss '{name}': the batch carries cached features of the student's locked vision tower, "

@@ -50,12 +50,21 @@ class DualEncoder(nn.Module):
         return self.vision(image)
 
     def encode_image(
-        self, image: Tensor | None = None, image_features: Tensor | None = None, normalize: bool = True
+        self,
+        image: Tensor | None = None,
+        image_features: Tensor | None = None,
+        normalize: bool = True,
+        image_activations: Tensor | None = None,
     ) -> Tensor:
-        """Images (B, 3, H, W) or cached tower features (B, F) -> embeddings (B, D)."""
-        if (image is None) == (image_features is None):
-            raise ValueError("encode_image needs exactly one of image= or image_features=")
-        if image_features is None:
+        """Images (B, 3, H, W), cached tower features (B, F) or cached activations (B, *S) entering
+        the vision tower's unlocked top layers (the partial feature cache) -> embeddings (B, D)."""
+        if sum(x is not None for x in (image, image_features, image_activations)) != 1:
+            raise ValueError(
+                "encode_image needs exactly one of image=, image_features= or image_activations="
+            )
+        if image_activations is not None:  # the unlocked top layers, pooling and head of the tower
+            image_features = self.vision.split_at(self.vision.unlocked_layers).top(image_activations)
+        elif image_features is None:
             image_features = self.vision(image)
         elif self.training and any(p.requires_grad for p in self.vision.parameters()):
             raise ValueError(
@@ -71,10 +80,13 @@ class DualEncoder(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Batch dict with "image" or "image_features", and "text" -> embeddings + temperature."""
+        """Batch dict with "image", "image_features" or "image_activations", and "text" -> embeddings
+        + temperature."""
         out = {
             "image_emb": self.encode_image(
-                image=batch.get("image"), image_features=batch.get("image_features")
+                image=batch.get("image"),
+                image_features=batch.get("image_features"),
+                image_activations=batch.get("image_activations"),
             ),
             "text_emb": self.encode_text(batch["text"]),
             "logit_scale": self.logit_scale.clamp(max=self.max_logit_scale).exp(),  # scalar 1/T

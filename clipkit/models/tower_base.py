@@ -20,6 +20,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from clipkit.config import AugmentConfig
+from clipkit.data.augment import augmented_transform, convert_to_rgb
 from clipkit.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,7 @@ class Tower(nn.Module):
         self.locked = False
         self.unlocked_layers = 0
         self._fingerprint_extra = ""  # transform / tokenizer settings that change the features
+        self.augmentation = AugmentConfig()  # vision: the training transform's (model.vision.augmentation)
 
     # ------------------------------------------------------------------ per-tower hooks
     def param_groups(self) -> list[list[str]]:
@@ -117,11 +121,26 @@ class Tower(nn.Module):
             _pin_locked_modules(self, self.layers(), self.unlocked_layers, mode)
         return self
 
+    def split_at(self, unlocked_layers: int) -> TowerSplit:
+        """This tower's forward cut below its top ``unlocked_layers`` layers (the partial feature
+        cache stores ``bottom``'s output); raises ``NoSplit`` for a backbone it cannot cut."""
+        raise NoSplit(f"{self.modality} tower {self.spec} ({type(self.model).__name__}) cannot be split")
+
     # ------------------------------------------------------------------ feature-cache key
-    def fingerprint(self) -> str:
-        """sha256 of the spec, the transform/tokenizer settings and every parameter and buffer."""
-        h = hashlib.sha256(f"{self.spec}|{self._fingerprint_extra}".encode())
+    def fingerprint(self, skip_top: int = 0) -> str:
+        """sha256 of the spec, the transform/tokenizer settings and every parameter and buffer.
+
+        ``skip_top`` > 0 leaves out the parameters and buffers of the top ``skip_top`` layers
+        (and says so in the hash): the key of a partial cache, which those layers never enter, so
+        it holds across their training and a resume.
+        """
+        head = f"{self.spec}|{self._fingerprint_extra}" + (f"|skip_top={skip_top}" if skip_top else "")
+        h = hashlib.sha256(head.encode())
+        top = self.layers()[-skip_top:] if skip_top else []
+        skip = {id(t) for layer in top for t in [*layer.parameters(), *layer.buffers()]}
         for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            if id(t) in skip:
+                continue
             t = t.detach().cpu().contiguous()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
@@ -130,6 +149,72 @@ class Tower(nn.Module):
     def extra_repr(self) -> str:
         lock = f", locked (top {self.unlocked_layers} unlocked)" if self.locked else ""
         return f"{self.spec}, out_dim={self.out_dim}{lock}"
+
+
+class NoSplit(ValueError):
+    """A tower whose forward cannot be cut at the asked layer boundary (the message says why)."""
+
+
+# A step of a tower's forward: (the module owning its parameters, or None for a parameter-free
+# step such as pooling; the function applied). The owner places the step among the layers.
+Step = tuple[nn.Module | None, Callable[[Tensor], Tensor]]
+
+
+@dataclass(frozen=True)
+class TowerSplit:
+    """A tower's forward cut at a layer boundary: ``top(bottom(x))`` is ``tower(x)``, the same
+    operations in the same order. ``bottom`` runs every layer below the top ``unlocked_layers``
+    (the locked part), ``top`` those layers and the tower's pooling and head. Modules run in the
+    mode the tower put them in (``lock``: locked part and every BatchNorm in eval mode)."""
+
+    unlocked_layers: int
+    at: str  # group name of the first top layer, e.g. "blocks.6.0"
+    bottom: Callable[[Tensor], Tensor]  # images (B, 3, H, W) -> activations (B, *S)
+    top: Callable[[Tensor], Tensor]  # activations (B, *S) -> (B, out_dim)
+
+
+def _run(steps: list[Step]) -> Callable[[Tensor], Tensor]:
+    def run(x: Tensor) -> Tensor:
+        for _, fn in steps:
+            x = fn(x)
+        return x
+
+    return run
+
+
+def split_steps(tower: Tower, steps: list[Step], unlocked_layers: int) -> TowerSplit:
+    """Cut ``steps`` (the tower's whole forward, in order) below its top ``unlocked_layers`` layers.
+
+    Each step belongs to the layer holding all of its owner's parameters (a parameter-free step to
+    the step before it); the layers must come in order, so the cut is a layer boundary.
+    """
+    layers = tower.layers()
+    names = ", ".join(layer.group_name for layer in layers)
+    if not 1 <= unlocked_layers < len(layers):
+        raise NoSplit(
+            f"{tower.spec}: a split needs 1 <= unlocked_layers < {len(layers)} (its layers: {names}), "
+            f"got {unlocked_layers}"
+        )
+    layer_of = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
+    tags: list[int] = []
+    for owner, _ in steps:
+        found = {layer_of.get(id(p), -1) for p in owner.parameters()} if owner is not None else set()
+        if len(found) > 1 or -1 in found:
+            raise NoSplit(
+                f"{tower.spec}: a step of its forward ({type(owner).__name__}) spans layers ({names})"
+            )
+        tag = found.pop() if found else (tags[-1] if tags else 0)
+        if tags and tag < tags[-1]:
+            raise NoSplit(f"{tower.spec}: its forward does not run its layers in order ({names})")
+        tags.append(tag)
+    cut = len(layers) - unlocked_layers
+    first_top = next((i for i, t in enumerate(tags) if t >= cut), len(steps))
+    if first_top in (0, len(steps)):
+        raise NoSplit(
+            f"{tower.spec}: no step of its forward falls on each side of layer {layers[cut].group_name}"
+        )
+    bottom, top = _run(steps[:first_top]), _run(steps[first_top:])
+    return TowerSplit(unlocked_layers, layers[cut].group_name, bottom, top)
 
 
 def _pin_locked_modules(tower: Tower, layers: list[LayerGroup], n_unlocked: int, mode: bool) -> None:
@@ -320,22 +405,23 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def convert_to_rgb(image: Any) -> Any:
-    """PIL image -> RGB (a module-level function so transforms pickle into loader workers)."""
-    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
-
-
-def image_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...], augment: bool = False) -> Any:
+def image_transform(
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: bool = False,
+    augmentation: AugmentConfig | None = None,
+) -> Any:
     """PIL -> (3, size, size) float tensor: shorter side to ``size`` (bicubic), center crop, normalize.
 
-    ``augment`` swaps resize + crop for ``RandomResizedCrop(scale=(0.9, 1))`` (open_clip's
+    ``augment`` swaps this for the augmented training transform of ``augmentation``
+    (``clipkit.data.augment``; default: ``RandomResizedCrop(scale=(0.9, 1))``, open_clip's
     train-time crop); without it the transform is deterministic, so features are cacheable.
     """
     from torchvision import transforms as T
 
-    bicubic = T.InterpolationMode.BICUBIC
     if augment:
-        geometry = [T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=bicubic)]
-    else:
-        geometry = [T.Resize(size, interpolation=bicubic), T.CenterCrop(size)]
+        return augmented_transform(size, mean, std, augmentation or AugmentConfig())
+    bicubic = T.InterpolationMode.BICUBIC
+    geometry = [T.Resize(size, interpolation=bicubic), T.CenterCrop(size)]
     return T.Compose([convert_to_rgb, *geometry, T.ToTensor(), T.Normalize(mean, std)])

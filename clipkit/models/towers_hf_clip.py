@@ -23,6 +23,7 @@ pooling head and projection.
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,14 @@ from clipkit.config import TowerConfig
 from clipkit.models.adapters import HFImageTransform, HFTokens
 from clipkit.models.tower_base import (
     TOWERS,
+    NoSplit,
+    Step,
     Tower,
+    TowerSplit,
     image_transform,
     load_state_dict_file,
     set_hf_grad_checkpointing,
+    split_steps,
 )
 from clipkit.models.towers_hf import _block_list_name as block_list_name
 
@@ -174,7 +179,7 @@ class HFClipTower(Tower):
         self.out_dim = int(hf.config.projection_dim if self.kind == "clip" else vc.hidden_size)
         self.processor = AutoImageProcessor.from_pretrained(self.folder, local_files_only=True)
         self.image_size, self.augment = int(vc.image_size), cfg.augment
-        self.deterministic_transform = not cfg.augment
+        self.deterministic_transform, self.augmentation = not cfg.augment, cfg.augmentation
         self._fingerprint_extra = f"{self.processor.to_json_string()}|augment={cfg.augment}"
 
     def _init_text(self, hf: nn.Module, cfg: TowerConfig) -> None:
@@ -207,7 +212,8 @@ class HFClipTower(Tower):
         if self.modality != "vision":
             return super().transform(train)
         if train and self.augment:
-            return image_transform(self.image_size, self.processor.image_mean, self.processor.image_std, True)
+            mean, std = self.processor.image_mean, self.processor.image_std
+            return image_transform(self.image_size, mean, std, True, self.augmentation)
         return HFImageTransform(self.processor)
 
     def tokenize(self, texts: list[str]) -> Tensor:
@@ -218,9 +224,45 @@ class HFClipTower(Tower):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         set_hf_grad_checkpointing(self.model, self.spec, self.modality, enable)  # the encoder's blocks
 
+    def split_at(self, unlocked_layers: int) -> TowerSplit:
+        if self.modality != "vision":
+            raise NoSplit(f"{self.spec}: only the image half of an hf-clip model is split")
+        return split_steps(self, hf_vision_steps(self.model, self.spec), unlocked_layers)
+
     def param_groups(self) -> list[list[str]]:
         names = [n for n, _ in self.model.named_parameters()]
         return blocks_in_order(names, block_list_name(self.model))
+
+
+def _encoder_layer(layer: nn.Module) -> Step:
+    # transformers 5: layer(hidden, attention_mask) -> hidden; 4.x: a tuple, and CLIP's layer
+    # takes a causal mask too (None for images, as the vision encoder passes).
+    causal = "causal_attention_mask" in inspect.signature(layer.forward).parameters
+    extra = {"causal_attention_mask": None} if causal else {}
+
+    def run(x: Tensor) -> Tensor:
+        out = layer(x, None, **extra)
+        return out[0] if isinstance(out, tuple) else out  # (B, 1 + patches, width)
+
+    return (layer, run)
+
+
+def hf_vision_steps(half: HFVisionHalf, spec: str) -> list[Step]:
+    """``HFVisionHalf.forward`` as steps: embeddings (+ CLIP's pre-norm) -> (B, tokens, width), one
+    step per encoder layer, then CLIP's class-token pooling, post-norm and projection, or SigLIP's
+    post-norm and attention-pooling head."""
+    vm = half.vision_model
+    steps: list[Step] = [(vm.embeddings, lambda px: vm.embeddings(px, interpolate_pos_encoding=False))]
+    if hasattr(vm, "pre_layrnorm"):  # CLIP
+        steps.append((vm.pre_layrnorm, vm.pre_layrnorm))
+    steps += [_encoder_layer(layer) for layer in vm.encoder.layers]
+    if half.visual_projection is not None:  # CLIP: class token -> post-norm -> projection
+        steps.append((vm.post_layernorm, lambda x: half.visual_projection(vm.post_layernorm(x[:, 0, :]))))
+    elif getattr(vm, "use_head", False):  # SigLIP: post-norm -> multi-head attention pooling
+        steps.append((vm.post_layernorm, lambda x: vm.head(vm.post_layernorm(x))))
+    else:
+        raise NoSplit(f"{spec}: a vision model without a pooling head has no pooled output to split")
+    return steps
 
 
 def hf_model_of(model: nn.Module) -> tuple[nn.Module, Any, Any]:

@@ -20,17 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
+import torch
 from open_clip.factory import _find_checkpoint_in_dir as find_checkpoint
 from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from clipkit.config import TowerConfig
+from clipkit.data.augment import augmented_transform
 from clipkit.models.tower_base import (
     TOWERS,
+    NoSplit,
+    Step,
     Tower,
+    TowerSplit,
     group_names,
     set_hf_grad_checkpointing,
     set_timm_grad_checkpointing,
+    split_steps,
 )
 from clipkit.models.towers_hf_clip import block_list_name, blocks_in_order
 
@@ -214,7 +221,7 @@ class OpenClipTower(Tower):
             self.model = clip.visual
             self.preprocess = dict(clip.visual.preprocess_cfg)
             self.augment = cfg.augment
-            self.deterministic_transform = not cfg.augment
+            self.deterministic_transform, self.augmentation = not cfg.augment, cfg.augmentation
             self._fingerprint_extra = f"preprocess={sorted(self.preprocess.items())}"
         else:
             self.model = clip.text if hasattr(clip, "text") else ClipText(clip)
@@ -233,7 +240,10 @@ class OpenClipTower(Tower):
             return super().transform(train)
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
-        return image_transform_v2(PreprocessCfg(**self.preprocess), is_train=train and self.augment)
+        pre = PreprocessCfg(**self.preprocess)
+        if train and self.augment:  # open_clip's train crop (bicubic) and more, per model.vision.augmentation
+            return augmented_transform(pre.size, tuple(pre.mean), tuple(pre.std), self.augmentation)
+        return image_transform_v2(pre, is_train=False)
 
     def tokenize(self, texts: list[str]) -> Tensor:
         if self.modality != "text":
@@ -252,6 +262,14 @@ class OpenClipTower(Tower):
             inner.grad_checkpointing = enable
         else:
             super().set_grad_checkpointing(enable)
+
+    def split_at(self, unlocked_layers: int) -> TowerSplit:
+        if self.modality != "vision" or type(self.model).__name__ != "VisionTransformer":
+            raise NoSplit(
+                f"{self.modality} tower {self.spec} ({type(self.model).__name__}): clipkit splits the "
+                "forward of open_clip ViT image towers only"
+            )
+        return split_steps(self, vit_steps(self.model), unlocked_layers)
 
     def param_groups(self) -> list[list[str]]:
         names = [n for n, _ in self.model.named_parameters()]
@@ -272,3 +290,32 @@ class OpenClipTower(Tower):
             return groups + ([head] if head else [])
         order = list(dict.fromkeys(n.split(".")[0] for n in names))  # one layer per top-level child
         return group_names(names, lambda n: order.index(n.split(".")[0]))
+
+
+def vit_steps(vit: nn.Module) -> list[Step]:
+    """``open_clip.transformer.VisionTransformer.forward`` as steps: embeddings (patch embedding,
+    class token, positions, patch dropout, ln_pre) -> (B, 1 + grid**2, width) tokens, one step per
+    residual block (tokens batch-first between steps), then pooling and projection."""
+    transformer = vit.transformer
+
+    def block(r: nn.Module) -> Step:
+        def run(x: Tensor) -> Tensor:
+            x = x if transformer.batch_first else x.transpose(0, 1)  # NLD -> LND
+            if transformer.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(r, x, use_reentrant=False)  # as Transformer.forward (no mask)
+            else:
+                x = r(x, attn_mask=None)
+            return x if transformer.batch_first else x.transpose(0, 1)
+
+        return (r, run)
+
+    def pool(x: Tensor) -> Tensor:
+        pooled, _ = vit._pool(x)  # (B, width)
+        return pooled if vit.proj is None else pooled @ vit.proj  # (B, embed_dim)
+
+    if vit.output_tokens or not hasattr(vit, "_embeds"):
+        raise NoSplit(
+            "open_clip ViT: split only without output_tokens and with open_clip >= 2.26's "
+            "VisionTransformer._embeds / _pool (upgrade open_clip_torch)"
+        )
+    return [(vit.conv1, vit._embeds), *(block(r) for r in transformer.resblocks), (vit.ln_post, pool)]

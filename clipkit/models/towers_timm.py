@@ -12,11 +12,15 @@ from torch import Tensor
 from clipkit.config import TowerConfig
 from clipkit.models.tower_base import (
     TOWERS,
+    NoSplit,
+    Step,
     Tower,
+    TowerSplit,
     group_names,
     image_transform,
     load_state_dict_file,
     set_timm_grad_checkpointing,
+    split_steps,
 )
 from clipkit.registry import suggest
 
@@ -90,6 +94,7 @@ class TimmTower(Tower):
             cfg.augment,
         )
         self.deterministic_transform = not cfg.augment
+        self.augmentation = cfg.augmentation
         self._fingerprint_extra = f"size={cfg.image_size}|mean={self.mean}|std={self.std}|bicubic"
 
     def _load_weights(self, arch: str, weights: str) -> None:
@@ -120,10 +125,14 @@ class TimmTower(Tower):
         return self.model(image)  # (B, C, H, W) -> (B, out_dim)
 
     def transform(self, train: bool) -> Any:
-        return image_transform(self.image_size, self.mean, self.std, augment=train and self.augment)
+        augment = train and self.augment
+        return image_transform(self.image_size, self.mean, self.std, augment, self.augmentation)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         set_timm_grad_checkpointing(self.model, self.spec, self.modality, enable)
+
+    def split_at(self, unlocked_layers: int) -> TowerSplit:
+        return split_steps(self, timm_steps(self.model, self.spec), unlocked_layers)
 
     def param_groups(self) -> list[list[str]]:
         # EfficientNet: stem (conv_stem+bn1), each block blocks.i.j, head (conv_head+bn2).
@@ -132,3 +141,24 @@ class TimmTower(Tower):
             return group_names(names, self.model.group_matcher(coarse=False))
         order = list(dict.fromkeys(n.split(".")[0] for n in names))  # one layer per top-level child
         return group_names(names, lambda n: order.index(n.split(".")[0]))
+
+
+def _head(model: torch.nn.Module) -> Step:
+    return (None, lambda x: model.forward_head(x))  # global pool (+ flatten); classifier removed
+
+
+def timm_steps(model: torch.nn.Module, spec: str) -> list[Step]:
+    """A timm backbone's ``forward`` as steps, block by block (``split_steps``): EfficientNet (and
+    its Lite variants) and ResNet, whose ``forward_features`` is a plain chain of these modules."""
+    kind = type(model).__name__
+    if kind == "EfficientNet":  # conv_stem, bn1 (+act), blocks[i][j], conv_head, bn2 (+act)
+        blocks = [b for stage in model.blocks for b in stage]
+        chain = (model.conv_stem, model.bn1, *blocks, model.conv_head, model.bn2)
+        return [*((m, m) for m in chain), _head(model)]
+    if kind == "ResNet":  # conv1, bn1, act1, maxpool, layer<i>[j]
+        blocks = [b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage]
+        chain = (model.conv1, model.bn1, model.act1, model.maxpool, *blocks)
+        return [*((m, m) for m in chain), _head(model)]
+    raise NoSplit(
+        f"{spec} ({kind}): clipkit splits the forward of timm EfficientNet and ResNet backbones only"
+    )

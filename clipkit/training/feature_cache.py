@@ -9,6 +9,14 @@ beside the shards::
     <shard_dir>/_clipkit_cache/<tower fingerprint>/features-000001.npy  (N_1, F) (a later append)
     <shard_dir>/_clipkit_cache/<tower fingerprint>/keys.json  {"keys": [...], "parts": [...], "absent": [...]}
 
+- Augmented views (``train.cache_views=K`` > 1, ``clipkit.data.augment``): each image goes through
+  the tower K times, once: view 0 through the eval transform, views 1..K-1 through the augmented
+  training transform, seeded by (``model.vision.augmentation.view_seed``, key, view). Parts are
+  then (N_i, K, F) and the folder is ``<tower fingerprint>[-bf16]-views<K>-<settings hash>``: other
+  augmentation settings or K give another folder. A training step reads one view per sample,
+  drawn from (seed, epoch, key) (``clipkit.data.prepare``); evaluation reads view 0.
+- What is cached is general (``CacheJob``): any ``encode(images) -> (n, *shape)`` of the images'
+  views (the pooled tower output here; the partial cache stores activations), rows (n, [K,] *shape).
 - Keyed by sample key (``__key__``, which must be unique across the shards) and by
   ``tower.fingerprint()`` (spec + transform settings + every weight): other weights give another
   folder. New samples are computed incrementally into a new part file (old parts are never
@@ -30,6 +38,8 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +47,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clipkit.config import Config, DataConfig
+from clipkit.config import AugmentConfig, Config, DataConfig
 from clipkit.data.atomic import atomic_open, atomic_write_text
+from clipkit.data.augment import ViewStack, views_fingerprint
 from clipkit.data.tario import iter_samples
 from clipkit.data.urls import expand_urls, is_local
 from clipkit.errors import ClipkitError
@@ -62,6 +73,7 @@ class FeatureCache:
         self.folder = Path(folder)
         meta_path = self.folder / "keys.json"
         self.meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        self.views = int(self.meta.get("views", 1))  # > 1: part rows are (n, views, *shape)
         self.keys: list[str] = list(self.meta.get("keys", []))
         self.parts: list[dict[str, Any]] = list(self.meta.get("parts", []))  # {"file", "rows", "dtype"}
         self.absent: set[str] = set(self.meta.get("absent", []))
@@ -92,11 +104,17 @@ class FeatureCache:
     def __contains__(self, key: str) -> bool:
         return key in self._index
 
-    def get(self, key: str) -> np.ndarray:
-        """(F,) float32 copy of the cached tower output for ``key`` (KeyError when absent)."""
+    def get(self, key: str, view: int = 0) -> np.ndarray:
+        """float32 copy of view ``view`` of the value cached for ``key`` (KeyError when absent):
+        (F,) for tower outputs, the stored shape for any other cached tensor."""
+        if not 0 <= view < self.views:
+            raise IndexError(
+                f"feature cache {self.folder} holds {self.views} view(s) per key; asked for view {view}"
+            )
         i = self._index[key]
         part = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return np.array(self._parts()[part][i - self._starts[part]], dtype=np.float32)
+        row = self._parts()[part][i - self._starts[part]]  # (*shape) or, with views, (views, *shape)
+        return np.array(row[view] if self.views > 1 else row, dtype=np.float32)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": None}
@@ -114,8 +132,10 @@ def why_not_cached(cfg: Config, model: Any) -> str | None:
         return "the vision tower trains (model.vision.locked=false)"
     if vision.unlocked_layers:
         return f"model.vision.unlocked_layers={vision.unlocked_layers} (its top layers train)"
+    if cfg.train.cache_views > 1:  # the augmented views go through the cache
+        return None
     if not model.image_features_cacheable:
-        return "the vision tower trains on a random (augmenting) transform"
+        return "the vision tower trains on a random (augmenting) transform (train.cache_views=K caches views)"
     return None
 
 
@@ -169,23 +189,61 @@ def scan_keys(shards: list[Path]) -> dict[Path, list[str]]:
     return out
 
 
+@dataclass(frozen=True)
+class CacheJob:
+    """What a cache holds: ``encode`` of each image's views, under ``fingerprint`` (folder name).
+
+    ``encode(images (n, 3, H, W)) -> (n, *shape)`` runs under ``torch.inference_mode`` with the
+    model in eval mode and its vision tower laid out by ``bulk_inference(precision)``; ``views``
+    > 1 stores (views, *shape) per key (view 0 the eval transform; ``clipkit.data.augment``).
+    """
+
+    model: Any  # the DualEncoder: its image transforms and vision tower
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    fingerprint: str
+    views: int = 1
+    precision: str = "fp32"
+
+    def transform(self) -> Callable[..., torch.Tensor]:
+        """The loader's image transform: the eval transform, or a ``ViewStack`` of the views."""
+        eval_transform = self.model.image_transform(train=False)
+        if self.views <= 1:
+            return eval_transform
+        vision = self.model.vision
+        if vision.deterministic_transform:
+            raise ClipkitError(
+                f"{self.views} cached views of {vision.spec} would all be its eval view: its training "
+                "transform does not augment; set model.vision.augment=true"
+            )
+        augmentation: AugmentConfig = vision.augmentation  # what image_transform(train=True) applies
+        train_transform = self.model.image_transform(train=True)
+        return ViewStack(eval_transform, train_transform, self.views, augmentation.view_seed)
+
+
+def cache_fingerprint(tower: Any, precision: str = "fp32", views: int = 1, base: str | None = None) -> str:
+    """Folder name of a cache of ``tower``'s images: ``base`` (default ``tower.fingerprint()``),
+    ``-bf16`` when so computed, and with views ``-views<K>-<hash of the augmentation settings>``."""
+    name = (tower.fingerprint() if base is None else base) + ("" if precision == "fp32" else f"-{precision}")
+    return name + (f"-{views_fingerprint(tower.augmentation, views)}" if views > 1 else "")
+
+
 def _compute(
-    model: Any,
+    job: CacheJob,
     data_cfg: DataConfig,
     shards: list[Path],
     wanted: set[str],
     device: torch.device,
     bar: tqdm,
-    precision: str = "fp32",
 ) -> dict[str, np.ndarray]:
-    """Tower features of the ``wanted`` keys, reading ``shards`` in order with the data pipeline."""
+    """``job.encode`` of the ``wanted`` keys' views, reading ``shards`` in order with the data pipeline."""
     from clipkit.data import build_loader
 
-    cfg = dataclasses.replace(data_cfg, batch_size=BUILD_BATCH, shuffle_buffer=0)
+    model, views = job.model, max(1, job.views)
+    cfg = dataclasses.replace(data_cfg, batch_size=max(1, BUILD_BATCH // views), shuffle_buffer=0)
     loader = build_loader(
         cfg,
         "::".join(str(s) for s in shards),
-        model.image_transform(train=False),
+        job.transform(),
         model.tokenize,
         train=False,
         seed=0,
@@ -196,28 +254,33 @@ def _compute(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), bulk_inference(model.vision, precision) as prep:
+        with torch.inference_mode(), bulk_inference(model.vision, job.precision) as prep:
             for batch in loader:
                 inputs, meta = split_inputs(batch)  # the keys find the rows; only images reach the tower
                 pick = [i for i, k in enumerate(meta.keys) if k in wanted and k not in found]
                 if not pick:
                     continue
-                images = prep(inputs["image"][pick].to(device, non_blocking=True))  # (b, 3, H, W)
-                feats = model.tower_features(images).float().cpu().numpy()  # (b, F)
+                images = inputs["image"][pick]  # (b, 3, H, W) or, with views, (b, views, 3, H, W)
+                flat = images.reshape(-1, *images.shape[-3:])  # (b * views, 3, H, W)
+                flat = flat.to(device, non_blocking=True)
+                out = job.encode(prep(flat)).float().cpu().numpy()  # (b * views, *shape)
+                rows = out.reshape(len(pick), views, *out.shape[1:]) if views > 1 else out
                 for row, i in enumerate(pick):
-                    found[meta.keys[i]] = feats[row]
+                    found[meta.keys[i]] = rows[row]
                 bar.update(len(pick))
     finally:
         model.train(was_training)
     return found
 
 
-def _chunks(todo: list[Path], per_shard: dict[Path, list[str]], missing: set[str]) -> list[list[Path]]:
-    """Consecutive groups of shards holding >= FLUSH_ROWS missing keys (the last group fewer)."""
+def _chunks(
+    todo: list[Path], per_shard: dict[Path, list[str]], missing: set[str], rows: int
+) -> list[list[Path]]:
+    """Consecutive groups of shards holding >= ``rows`` missing keys (the last group fewer)."""
     groups: list[list[Path]] = [[]]
     count = 0
     for shard in todo:
-        if count >= FLUSH_ROWS:
+        if count >= rows:
             groups.append([])
             count = 0
         groups[-1].append(shard)
@@ -231,14 +294,16 @@ def _append(
     """``old`` plus ``new`` rows as one more part file; the part is written before ``keys.json``."""
     parts, keys = list(old.parts), list(old.keys)
     if new:
-        rows = np.stack(list(new.values()))  # (n, F)
+        rows = np.stack(list(new.values()))  # (n, F), or (n, [views,] *shape)
         dtype = np.float16 if np.all(np.abs(rows) <= FP16_MAX) else np.float32
         name = f"features-{len(parts):06d}.npy"
         with atomic_open(folder / name, "wb") as f:
             np.save(f, rows.astype(dtype))
         parts.append({"file": name, "rows": len(rows), "dtype": np.dtype(dtype).name})
         keys += list(new)
-    index = {**meta, "dim": int(rows.shape[1]) if new else old.meta.get("dim", 0), "parts": parts}
+    value_axes = 2 if meta.get("views", 1) > 1 else 1  # axes of one view: the value's shape
+    dim = int(np.prod(rows.shape[value_axes:])) if new else old.meta.get("dim", 0)
+    index = {**meta, "dim": dim, "parts": parts}
     atomic_write_text(folder / "keys.json", json.dumps({**index, "keys": keys, "absent": sorted(absent)}))
     return FeatureCache(folder)
 
@@ -251,16 +316,31 @@ def build_feature_cache(
     device: torch.device | str = "cpu",
     progress: bool = True,
     precision: str = "fp32",
+    views: int = 1,
 ) -> tuple[FeatureCache, str]:
     """Cache ``model.tower_features`` for every sample of ``urls``; returns (cache, one-line report).
 
     Only keys missing from an existing cache of the same tower fingerprint are computed, and
     only the shards holding them are read. ``precision="bf16"`` computes under bf16 autocast
     (``clipkit.models.inference``) into a cache of its own (fingerprint suffix ``-bf16``).
+    ``views`` > 1 caches that many views of each image (``train.cache_views``; module docstring).
     """
+    fingerprint = cache_fingerprint(model.vision, precision, views)
+    job = CacheJob(model, model.tower_features, fingerprint, views, precision)
+    return build_cache(job, data_cfg, urls, run_dir, device, progress)
+
+
+def build_cache(
+    job: CacheJob,
+    data_cfg: DataConfig,
+    urls: str,
+    run_dir: str | Path,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[FeatureCache, str]:
+    """Cache ``job`` for every sample of ``urls`` (``build_feature_cache``'s work for any job)."""
     shards = shard_paths(urls)
-    fingerprint = model.vision.fingerprint() + ("" if precision == "fp32" else f"-{precision}")
-    read_from, write_to, note = cache_folders(shards, fingerprint, Path(run_dir))
+    read_from, write_to, note = cache_folders(shards, job.fingerprint, Path(run_dir))
     old = FeatureCache(write_to if (write_to / "keys.json").is_file() else read_from)
     per_shard = scan_keys(shards)
     known = set(old.keys) | old.absent
@@ -269,20 +349,26 @@ def build_feature_cache(
         where = f"{old.folder}" + (f" ({note})" if note and old.folder == write_to else "")
         return old, f"{len(old)} samples cached in {where}, nothing to compute"
     todo = [s for s, keys in per_shard.items() if any(k in missing for k in keys)]
-    meta = {"fingerprint": fingerprint, "tower": getattr(model.vision, "spec", ""), "version": 1}
+    meta = {"fingerprint": job.fingerprint, "tower": getattr(job.model.vision, "spec", ""), "version": 1}
+    if job.views > 1:
+        augmentation = dataclasses.asdict(job.model.vision.augmentation)
+        meta.update(views=job.views, augmentation=augmentation)
     write_to.mkdir(parents=True, exist_ok=True)
     reused, computed, t0 = len(old), 0, time.perf_counter()
     bar = tqdm(total=len(missing), desc="feature cache", unit="img", disable=not progress, dynamic_ncols=True)
     with bar:
-        for group in _chunks(todo, per_shard, missing):  # saved after each group: a kill loses one group
-            new = _compute(model, data_cfg, group, missing, torch.device(device), bar, precision)
+        rows = max(1, FLUSH_ROWS // max(1, job.views))  # images per save (each holds its views)
+        for group in _chunks(todo, per_shard, missing, rows):  # saved after each: a kill loses one group
+            new = _compute(job, data_cfg, group, missing, torch.device(device), bar)
             group_keys = {k for shard in group for k in per_shard[shard] if k in missing}
             old = _append(write_to, old, new, old.absent | (group_keys - set(new)), meta)
             computed += len(new)
     took = time.perf_counter() - t0
     report = (
         f"{len(old)} samples cached in {write_to}: {computed} computed now "
-        f"({computed / max(took, 1e-9):.0f} img/s), {reused} reused"
+        f"({computed / max(took, 1e-9):.0f} img/s"
+        + (f", {job.views} views each" if job.views > 1 else "")
+        + f"), {reused} reused"
         + (f", {len(old.absent)} unreadable" if old.absent else "")
         + (f"; {note}" if note else "")
     )

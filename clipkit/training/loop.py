@@ -57,6 +57,7 @@ from clipkit.training.feature_cache import FeatureCache, build_feature_cache, wh
 from clipkit.training.gradcache import grad_cache_step
 from clipkit.training.metrics import MetricsLog, plot_curves
 from clipkit.training.optim import build_optimizer
+from clipkit.training.partial_cache import partial_or_off
 from clipkit.training.precision import (
     MIXED_PRECISION,
     optimizer_step,
@@ -198,19 +199,13 @@ def budget_and_steps(cfg: Config, world: int) -> tuple[int, int, int]:
 def prepare_cache(
     cfg: Config, model: nn.Module, run_dir: Path, acc: Accelerator
 ) -> tuple[FeatureCache | None, str]:
-    reason = why_not_cached(cfg, model)
-    if reason:
-        return None, f"off ({reason})"
+    if reason := why_not_cached(cfg, model):  # unlocked top layers of a locked tower: a partial cache?
+        return partial_or_off(cfg, model, run_dir, acc, reason)
     with acc.main_process_first():  # rank 0 computes, the others then find it complete
         cache, report = build_feature_cache(
-            model,
-            cfg.data,
-            cfg.data.train,
-            run_dir,
-            acc.device,
-            progress=acc.is_local_main_process,
-            precision=cfg.train.feature_cache_precision,
-        )
+            model, cfg.data, cfg.data.train, run_dir, acc.device, progress=acc.is_local_main_process,
+            precision=cfg.train.feature_cache_precision, views=cfg.train.cache_views,
+        )  # fmt: skip
     return cache, f"on: {report}"
 
 

@@ -66,7 +66,7 @@ def steps_for(samples: int, per_step: int) -> int:
     return -(-samples // per_step)
 
 
-MODEL_INPUTS = ("image", "image_features", "text", "idx")  # what the model and the loss may read
+MODEL_INPUTS = ("image", "image_features", "image_activations", "text", "idx")  # what model and loss may read
 BOOKKEEPING = ("key", "skipped", "epoch", "stream", "source")  # what the loader and the stream add
 
 
@@ -88,9 +88,10 @@ class BatchMeta:
 def split_inputs(batch: dict[str, Any], epoch: int | None = None) -> tuple[dict[str, Any], BatchMeta]:
     """A loader batch -> ``(model inputs, bookkeeping)``; the only place the two part.
 
-    The inputs hold only ``MODEL_INPUTS`` (``image`` or ``image_features``, ``text``, ``idx``),
-    which is all that may reach the model and the loss. ``epoch`` defaults to the batch's own
-    ``"epoch"`` (0 when it has none). A key that is neither raises: nothing rides along unseen.
+    The inputs hold only ``MODEL_INPUTS`` (``image``, ``image_features`` or ``image_activations``,
+    ``text``, ``idx``), which is all that may reach the model and the loss. ``epoch`` defaults to
+    the batch's own ``"epoch"`` (0 when it has none). A key that is neither raises: nothing rides
+    along unseen.
     """
     unknown = sorted(set(batch) - set(MODEL_INPUTS) - set(BOOKKEEPING))
     if unknown:

@@ -47,18 +47,6 @@ def slow(*args, **kw):
 loop.train_step = slow
 """
 SWEEP = """
-import sys, time
-from clipkit.training import loop
-step = loop.train_step
-def slow(*args, **kw):
-    out = step(*args, **kw)
-    time.sleep(0.25)
-    return out
-loop.train_step = slow
-from clipkit.cli.main import main
-sys.exit(main(sys.argv[1:]))
-"""
-SWEEP = """
 recipe: recipe.yaml
 suite: suite.yaml
 seeds: [0, 1]

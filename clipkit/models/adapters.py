@@ -60,7 +60,25 @@ def _normalized(x: Tensor, normalize: bool) -> Tensor:
 # ----------------------------------------------------------------------------- clipkit
 
 
-class ClipkitModel(EvalModel):
+class _Delegating(EvalModel):
+    """An adapter whose ``model`` already has the DualEncoder API: the four methods pass through."""
+
+    model: Any
+
+    def image_transform(self, train: bool = False) -> Any:
+        return self.model.image_transform(train)
+
+    def tokenize(self, texts: list[str]) -> Tensor:
+        return self.model.tokenize(texts)
+
+    def encode_image(self, image: Tensor, normalize: bool = True) -> Tensor:
+        return self.model.encode_image(image=image, normalize=normalize)
+
+    def encode_text(self, text: Tensor, normalize: bool = True) -> Tensor:
+        return self.model.encode_text(text, normalize=normalize)
+
+
+class ClipkitModel(_Delegating):
     """A clipkit ``DualEncoder``: trained (run folder, checkpoint) or built from a recipe."""
 
     def __init__(self, model: nn.Module, spec: str, resolved: str, pretrained: str):
@@ -68,41 +86,17 @@ class ClipkitModel(EvalModel):
         self.model = model
         self.spec, self.resolved, self.name, self.pretrained = spec, resolved, f"clipkit:{spec}", pretrained
 
-    def image_transform(self, train: bool = False) -> Any:
-        return self.model.image_transform(train)
-
-    def tokenize(self, texts: list[str]) -> Tensor:
-        return self.model.tokenize(texts)
-
-    def encode_image(self, image: Tensor, normalize: bool = True) -> Tensor:
-        return self.model.encode_image(image=image, normalize=normalize)
-
-    def encode_text(self, text: Tensor, normalize: bool = True) -> Tensor:
-        return self.model.encode_text(text, normalize=normalize)
-
     def image_side(self) -> nn.Module:
         return nn.ModuleList([self.model.vision, self.model.vision_proj])
 
 
-class FactoryModel(EvalModel):
+class FactoryModel(_Delegating):
     """Whatever a ``module:function`` factory returned, with the four DualEncoder methods."""
 
     def __init__(self, model: Any, spec: str):
         super().__init__()
         self.model = model  # a submodule when it is an nn.Module: follows .to() and .eval()
         self.spec = self.resolved = self.name = spec
-
-    def image_transform(self, train: bool = False) -> Any:
-        return self.model.image_transform(train)
-
-    def tokenize(self, texts: list[str]) -> Tensor:
-        return self.model.tokenize(texts)
-
-    def encode_image(self, image: Tensor, normalize: bool = True) -> Tensor:
-        return self.model.encode_image(image=image, normalize=normalize)
-
-    def encode_text(self, text: Tensor, normalize: bool = True) -> Tensor:
-        return self.model.encode_text(text, normalize=normalize)
 
     def image_side(self) -> nn.Module:
         if not isinstance(self.model, nn.Module):

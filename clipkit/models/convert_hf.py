@@ -133,13 +133,7 @@ def _clip(model: nn.Module) -> tuple[dict, State]:
         **_tower_extras(vact, vc.layer_norm_eps),
     }
     text_cfg = {
-        "context_length": tc.max_position_embeddings,
-        "vocab_size": tc.vocab_size,
-        "hf_tokenizer_name": ".",  # non-empty: local-dir: then reads the tokenizer from the folder
-        "width": tc.hidden_size,
-        "heads": tc.num_attention_heads,
-        "layers": tc.num_hidden_layers,
-        "mlp_ratio": _mlp_ratio(tc),
+        **_text_shape(tc),
         # HF pools at argmax(ids) for the legacy eos_token_id 2, else at the first eos_token_id
         "pool_type": "argmax" if tc.eos_token_id == 2 else "eos",
         "eos_id": tc.eos_token_id,
@@ -193,13 +187,7 @@ def _siglip(model: nn.Module) -> tuple[dict, State]:
     timm_name = _timm_siglip_arch(trunk, vc)
     t = "text_model."
     text_cfg = {
-        "context_length": tc.max_position_embeddings,
-        "vocab_size": tc.vocab_size,
-        "hf_tokenizer_name": ".",  # non-empty: local-dir: then reads the tokenizer from the folder
-        "width": tc.hidden_size,
-        "heads": tc.num_attention_heads,
-        "layers": tc.num_hidden_layers,
-        "mlp_ratio": _mlp_ratio(tc),
+        **_text_shape(tc),
         "no_causal_mask": True,  # SigLIP text attends both ways, without a padding mask
         "proj_bias": True,
         "pool_type": "last",
@@ -334,6 +322,19 @@ def _mlp_ratio(cfg: Any) -> float:
             f"open_clip cannot express an MLP of {cfg.intermediate_size} for width {cfg.hidden_size}"
         )
     return ratio
+
+
+def _text_shape(tc: Any) -> dict[str, Any]:
+    """The open_clip text_cfg fields that CLIP and SigLIP text towers share."""
+    return {
+        "context_length": tc.max_position_embeddings,
+        "vocab_size": tc.vocab_size,
+        "hf_tokenizer_name": ".",  # non-empty: local-dir: then reads the tokenizer from the folder
+        "width": tc.hidden_size,
+        "heads": tc.num_attention_heads,
+        "layers": tc.num_hidden_layers,
+        "mlp_ratio": _mlp_ratio(tc),
+    }
 
 
 def _tower_extras(act: str, eps: float) -> dict[str, Any]:

@@ -54,7 +54,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--threads", default="auto", help="torch threads; auto = idle cores minus workers")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (auto: cuda when available)")
     r.add_argument("--output", default="eval_results", help="results folder (default: eval_results)")
-    r.add_argument("--cache-dir", default=".cache/clipkit/eval_features", help="linear-probe feature cache")
+    r.add_argument(
+        "--cache-dir",
+        default=".cache/clipkit/eval_features",
+        help="feature cache: linear-probe features, and the outputs of a locked image tower (shared by "
+        "every model with that tower)",
+    )
     r.add_argument("--report", action=argparse.BooleanOptionalAction, default=None, help="summary + charts")
     p.set_defaults(run=run)
 

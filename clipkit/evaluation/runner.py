@@ -40,6 +40,7 @@ class RunOptions:
     batch_size: int = 64
     num_workers: int = 0
     device: str = "cpu"
+    # Linear-probe features, and the locked image tower's outputs (evaluation/tower_cache.py).
     cache_dir: Path | None = None
     # Summary table, bar chart and confusion matrices (the JSONs are always written).
     report: bool = True
@@ -99,9 +100,17 @@ def run_entry(
     """(metrics, zero-shot result or None) of ``model`` on one prepared dataset.
 
     ``images`` memoises image embeddings by dataset fingerprint, so zero-shot entries that
-    share a dataset (prompt ablations) embed its images once.
+    share a dataset (prompt ablations) embed its images once. With ``opts.cache_dir``, a model
+    whose image tower is locked reads that tower's outputs from disk
+    (``clipkit.evaluation.tower_cache``): the suite's models share one image pass.
     """
     e, bs, nw, ranks = prep.entry, opts.batch_size, opts.num_workers, opts.ranks
+    if e.task != "linear_probe" and ranks.world == 1:  # a locked image tower: its outputs from disk
+        from clipkit.evaluation.tower_cache import cached_view
+
+        model, ds, _ = cached_view(model, prep.data["test"], opts.cache_dir, bs, nw)
+        if ds is not prep.data["test"]:
+            prep, images = Prepared(e, {"test": ds}, prep.classnames, prep.templates), None
     if e.task == "zeroshot_classification":
         from clipkit.evaluation.embed import embed_dataset
         from clipkit.evaluation.zeroshot import run_zeroshot

@@ -134,3 +134,18 @@ def test_key_changes_with_the_dataset_and_batch(setup):
     keys = {tower_cache.cache_key(model, inner, ds, bs) for ds in (cls, ret) for bs in (4, 8)}
     assert len(keys) == 4
     assert tower_cache.locked_dual_encoder(load_model(models["unlocked"])) is None
+
+
+def test_transform_signature_has_no_addresses():
+    # A transform holding a plain function prints its address, which differs between processes
+    # that imported in another order (a restarted sweep's forkserver): a key built from that
+    # repr missed every cached tower pass after a restart.
+    from torchvision import transforms as T
+
+    from clipkit.models.adapters import transform_signature
+
+    def to_rgb(x):
+        return x
+
+    sig = transform_signature(T.Compose([to_rgb, T.CenterCrop(4)]))
+    assert "0x" not in sig and "to_rgb" in sig and "CenterCrop(size=(4, 4))" in sig

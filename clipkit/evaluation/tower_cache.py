@@ -8,8 +8,8 @@ tower's weights (``Tower.fingerprint``), the eval transform and the dataset
 tower reads them and runs only its head (``clipkit.models.embed.ProjectedModel``).
 
 The features are taken exactly as an uncached evaluation computes them (same batches, same
-transform, ``model.tower_features``, no precision or memory-format change), so the scores are
-bit-identical with and without the cache (``tests/test_eval_tower_cache.py``). A model whose
+transform, ``model.tower_features``, fp32, the memory layout of ``image_inference``), so the
+scores are bit-identical with and without the cache (``tests/test_eval_tower_cache.py``). A model whose
 image tower is not locked (or has unlocked top layers) is evaluated as usual: its tower is its
 own, and a cache would be written once and never read.
 
@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from clipkit.evaluation.cached import FeatureDataset
-from clipkit.models.embed import ProjectedModel, eval_mode, image_batches, model_device
+from clipkit.models.adapters import transform_signature
+from clipkit.models.embed import ProjectedModel, eval_mode, image_batches, image_inference, model_device
 
-FORMAT = 1
+FORMAT = 2  # 2: features taken under image_inference (channels-last for a convolutional tower)
 
 
 def locked_dual_encoder(model: Any) -> Any | None:
@@ -53,7 +54,7 @@ def cache_key(model: Any, inner: Any, dataset: Any, batch_size: int) -> str:
         [
             f"v{FORMAT}",
             inner.vision.fingerprint(),
-            repr(model.image_transform(False)),
+            transform_signature(model.image_transform(False)),
             dataset.fingerprint(),
             f"bs={batch_size}",  # conv kernels may round differently with another batch shape
             str(torch.get_default_dtype()),
@@ -65,9 +66,9 @@ def cache_key(model: Any, inner: Any, dataset: Any, batch_size: int) -> str:
 def _compute(model: Any, inner: Any, dataset: Any, batch_size: int, num_workers: int) -> dict[str, Any]:
     device = model_device(inner)
     feats, keys, labels, captions = [], [], [], []
-    with eval_mode(inner):
+    with eval_mode(inner), image_inference(model) as prep:
         for batch in image_batches(model, dataset, batch_size, num_workers):
-            feats.append(inner.tower_features(batch["image"].to(device)).float().cpu())  # (B, F)
+            feats.append(inner.tower_features(prep(batch["image"]).to(device)).float().cpu())  # (B, F)
             order = [o if o is not None else (0, len(keys) + i) for i, o in enumerate(batch["order"])]
             keys += [(o, k) for o, k in zip(order, batch["key"], strict=True)]
             if "label" in batch:

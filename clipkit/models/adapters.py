@@ -10,6 +10,7 @@ plus ``name`` / ``pretrained`` (CLIP_benchmark's result fields), ``spec`` (as gi
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,18 @@ class EvalModel(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 (16 hex) of the image side's weights and the image transform's settings."""
-        h = hashlib.sha256(f"{type(self).__name__}|{self.image_transform(False)!r}".encode())
+        h = hashlib.sha256(
+            f"{type(self).__name__}|{transform_signature(self.image_transform(False))}".encode()
+        )
         side = self.image_side()
         _hash_tensors(h, [*side.named_parameters(), *side.named_buffers()])
         return h.hexdigest()[:16]
+
+
+def transform_signature(transform: Any) -> str:
+    """``repr(transform)`` without memory addresses: the same in every process, so a cache keyed
+    by it (a ``Compose`` holding a plain function prints ``<function f at 0x7f...>``) is found again."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
 
 
 def _features(out: Any) -> Tensor:

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@# A Debian python3 without ensurepip needs python3-venv before it can make a venv.
 	@test -x $(PY) || python3 -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
 	  $(MAKE) --no-print-directory debs DEBS=python3-venv && python3 -m venv $(VENV); }
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,ray]"
 	# animal-mnist pins heavy, unused dependencies: its data is all we read.
 	$(PY) -m pip install -q --no-deps animal-mnist
 	@touch $(STAMP)

@@ -5,7 +5,11 @@ models up by open_clip config name, and clipkit's tiny test configs are not buil
 open_clip, so this registers them with ``open_clip.add_model_config`` in the same process and
 then hands the rest of the command line to ``clip_benchmark.cli.main`` unchanged:
 
-    python _clipbench_runner.py --config-dir DIR [--config-dir DIR ...] -- eval --dataset ...
+    python _clipbench_runner.py --config-dir DIR [--config-dir DIR ...] [--threads N] -- eval --dataset ...
+
+``--threads N`` (N > 0) sets torch's intra-op threads before CLIP_benchmark starts (it has no
+flag of its own; OMP_NUM_THREADS is set by the caller too). When CLIP_benchmark is done, the
+process prints the thread count torch actually ran with, as ``[bench-threads] torch N``.
 """
 
 from __future__ import annotations
@@ -15,18 +19,27 @@ import sys
 
 def main(argv: list[str]) -> None:
     if "--" not in argv:
-        raise SystemExit("usage: _clipbench_runner.py [--config-dir DIR ...] -- <clip_benchmark args>")
+        raise SystemExit(
+            "usage: _clipbench_runner.py [--config-dir DIR ...] [--threads N] -- <clip_benchmark args>"
+        )
     cut = argv.index("--")
     own, rest = argv[:cut], argv[cut + 1 :]
     dirs = [own[i + 1] for i, a in enumerate(own) if a == "--config-dir"]
+    threads = [int(own[i + 1]) for i, a in enumerate(own) if a == "--threads"]
     import open_clip
+    import torch
 
+    if threads and threads[-1] > 0:
+        torch.set_num_threads(threads[-1])
     for d in dirs:
         open_clip.add_model_config(d)
     from clip_benchmark.cli import main as clip_benchmark_main
 
     sys.argv = ["clip_benchmark", *rest]
-    clip_benchmark_main()
+    try:
+        clip_benchmark_main()
+    finally:
+        print(f"[bench-threads] torch {torch.get_num_threads()}", flush=True)
 
 
 if __name__ == "__main__":

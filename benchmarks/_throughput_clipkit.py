@@ -32,6 +32,13 @@ def yaml_float(x: float) -> str:
     return text
 
 
+def open_clip_embed_dim(name: str) -> int:
+    """The embedding width of an open_clip model config (built-in or clipkit's tiny ones)."""
+    from clipkit.models.towers_openclip import resolve_config
+
+    return int(resolve_config(name)[1]["embed_dim"])
+
+
 def clipkit_overrides(st: Setup, run_dir: Path, run_name: str) -> list[str]:
     """Dotted overrides that make a clipkit run match the OpenCLIP run of the same setup."""
     hp = st.hp
@@ -70,6 +77,7 @@ def clipkit_overrides(st: Setup, run_dir: Path, run_name: str) -> list[str]:
             "model.text.locked=false",
             f"model.vision.image_size={st.small_image_size}",
             f"model.text.context_length={st.small_context_length}",
+            f"model.embed_dim={open_clip_embed_dim(st.open_clip_model)}",  # projection=none keeps it
             "model.vision.augment=true",  # open_clip_train always trains with its train transform
             "model.projection=none",
             "loss.name=clip",

@@ -17,7 +17,6 @@ BENCH = ROOT / "benchmarks"
 OPENCLIP_ENV = ROOT / ".venv-openclip"
 MAIN_ENV = ROOT / ".venv"
 RUNNER = BENCH / "_openclip_runner.py"
-RESULTS_MD = BENCH / "RESULTS.md"
 EMOJI_TRAIN_GLOB = "data/emoji/train/shard-*.tar"  # python -m data_tools.build_emoji --out data/emoji
 LIT_RECIPE = ROOT / "train" / "lit_emoji.yaml"
 # EfficientNet-Lite (TF ported) normalisation, as timm's tf_efficientnet_lite0 pretrained cfg.

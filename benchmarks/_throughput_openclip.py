@@ -19,6 +19,7 @@ from _throughput_common import (
     EFFNET_LITE_MEAN,
     EFFNET_LITE_STD,
     OPENCLIP_ENV,
+    ROOT,
     RUNNER,
     Result,
     Setup,
@@ -54,6 +55,9 @@ def runner_args(st: Setup, run_dir: Path) -> list[str]:
     """Flags of ``_openclip_runner.py`` itself (threads; the LiT model config it writes)."""
     hp = st.hp
     own = ["--threads", str(st.threads)]
+    clipkit_cfg = ROOT / "clipkit" / "models" / "open_clip_configs" / f"{st.open_clip_model}.json"
+    if st.name == "small" and clipkit_cfg.is_file():  # e.g. clipkit-tiny-ViT: open_clip must know it too
+        own += ["--model-config", rel(clipkit_cfg)]
     if st.name == "lit":
         own += [
             "--lit-config-dir",

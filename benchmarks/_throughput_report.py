@@ -1,5 +1,6 @@
 """The report of benchmarks/train_throughput.py: the results table, the description of the
-machine and setups, and the record appended to benchmarks/RESULTS.md.
+machine and setups, the verdict on each setup's target, and the report itself (stdout and
+runs/bench/train_throughput/; benchmarks/RESULTS.md only with --record).
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ import datetime as _dt
 import math
 import os
 import platform
-import shlex
 
-from _throughput_common import RESULTS_MD, Result, Setup, load_average
+import _record
+from _throughput_common import Result, Setup, load_average
+
+# clipkit / OpenCLIP end-to-end samples/s each setup must reach: issue #15 (small, from scratch)
+# and the LiT setup's bar (feature cache included in the run).
+TARGETS = {"small": 1.5, "lit": 5.0}
 
 
 def fmt(x: float, nd: int = 2) -> str:
@@ -113,15 +118,32 @@ def describe(setups: list[Setup]) -> str:
     return "\n".join(lines)
 
 
-def append_results(text: str, argv: list[str]) -> None:
-    head = (
-        ""
-        if RESULTS_MD.exists()
-        else "# Training throughput results\n\nAppended by benchmarks/train_throughput.py.\n"
-    )
-    stamp = _dt.datetime.now().isoformat(timespec="seconds")
-    with open(RESULTS_MD, "a") as f:
-        f.write(
-            f"{head}\n## {stamp}\n\n```\n{shlex.join(['python', 'benchmarks/train_throughput.py', *argv])}\n```\n\n"
-            f"{text}\n"
+def verdicts(results: list[Result], targets: _record.Targets) -> list[str]:
+    """One target line per setup both tools finished: clipkit / OpenCLIP e2e samples/s >= TARGETS."""
+    lines = []
+    for setup, want in TARGETS.items():
+        by_tool = {r.tool: r for r in results if r.setup == setup}
+        ck, oc = by_tool.get("clipkit"), by_tool.get("openclip")
+        if (
+            ck is None
+            or oc is None
+            or ck.note.startswith(("exit", "not run"))
+            or oc.note.startswith(("exit", "not run"))
+        ):
+            continue
+        ratio = ck.e2e_sps / oc.e2e_sps if oc.e2e_sps else float("nan")
+        lines.append(
+            targets.check(
+                f"{setup}: clipkit >= {want:g}x OpenCLIP's samples/s (end to end)",
+                ratio >= want,
+                f"{fmt(ratio)}x; final loss clipkit {fmt(ck.final_loss, 4)}, OpenCLIP {fmt(oc.final_loss, 4)}",
+            )
         )
+    return lines
+
+
+def save(text: str, argv: list[str], record: bool) -> None:
+    """Print where the report went; with ``record`` it is appended to RESULTS.md too."""
+    stamp = _dt.datetime.now().isoformat(timespec="seconds")
+    section = f"## {stamp}\n\n```\n{_record.command_line('train_throughput.py', argv)}\n```\n\n{text}\n"
+    _record.save_report("train_throughput", section, record)

@@ -214,12 +214,13 @@ def build_setups(args: argparse.Namespace, shards: list[str]) -> list[Setup]:
                     bs,
                     samples,
                     1,
-                    Hparams(warmup_steps=args.small_warmup),
+                    Hparams(warmup_steps=args.small_warmup, precision=args.small_precision),
                     args.threads,
                     args.workers,
                     open_clip_model=args.small_model,
                     small_image_size=args.small_image_size,
                     small_context_length=args.small_context_length,
+                    clipkit_overrides=list(args.clipkit_set),
                 )
             )
         elif name == "lit":

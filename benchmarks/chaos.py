@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/chaos.py                   # ~5 minutes of training, 10 kills
     .venv/bin/python benchmarks/chaos.py --minutes 0.5     # a quick look
-    .venv/bin/python benchmarks/chaos.py --append          # + a section in RESULTS.md
+    .venv/bin/python benchmarks/chaos.py --record          # + a section in RESULTS.md
 
 Method. Tiny shards with an ``idx`` member and the tests' tiny model (a locked, cached vision
 tower; the top 2 text blocks train) are trained with ``clipkit train`` in deterministic mode,
@@ -22,7 +22,9 @@ Reported: kills survived (the run resumed and finished); checkpoints lost (a che
 was complete, with a matching sidecar, before a kill and not usable after it, plus any
 checkpoint ``latest()`` had to skip); samples repeated or skipped (from the sample log: within
 each epoch an idx seen twice, or, in every finished epoch, an idx missing; the sample count
-against the budget); whether the final weights equal the reference's bit for bit.
+against the budget); whether the final weights equal the reference's bit for bit. Each is a
+target; the exit status is 1 when one is missed. The report goes to stdout and
+runs/bench/chaos/ (with ``result.json`` in ``--out``), and to RESULTS.md only with ``--record``.
 """
 
 from __future__ import annotations
@@ -47,12 +49,15 @@ import torch
 import yaml
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _record
+
 from clipkit.data import ShardWriter
 from clipkit.training import checkpoint as ckpt
 from clipkit.training.sample_log import last_step_since_resume, read_sample_log, sample_log_path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def write_shards(folder: Path, n_shards: int, per_shard: int) -> str:
@@ -241,17 +246,23 @@ def chaos(args: argparse.Namespace) -> dict:
     }
 
 
-def table(r: dict, args: argparse.Namespace) -> str:
-    rows = [
-        ("kills survived", f"{r['kills'] if r['survived'] else 0} of {r['planned']}", f"{r['planned']}"),
-        ("checkpoints lost", str(r["checkpoints_lost"]), "0"),
-        ("samples repeated within an epoch", str(r["repeated"]), "0"),
-        ("samples skipped in finished epochs", str(r["skipped"]), "0"),
-        ("samples seen / budget", f"{r['seen']:,} / {r['budget']:,}", "equal"),
-        ("sample order = reference's", "yes" if r["log_matches_reference"] else "no", "yes"),
-        ("final weights = reference's (bit for bit)", "yes" if r["weights_equal"] else "no", "yes"),
-    ]
-    lines = ["| check | result | target |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+def table(r: dict, args: argparse.Namespace, targets: _record.Targets) -> str:
+    checks = [  # (check, result, target, met)
+        ("kills survived", f"{r['kills'] if r['survived'] else 0} of {r['planned']}", f"{r['planned']}",
+         r["survived"]),
+        ("checkpoints lost", str(r["checkpoints_lost"]), "0", r["checkpoints_lost"] == 0),
+        ("samples repeated within an epoch", str(r["repeated"]), "0", r["repeated"] == 0),
+        ("samples skipped in finished epochs", str(r["skipped"]), "0", r["skipped"] == 0),
+        ("samples seen / budget", f"{r['seen']:,} / {r['budget']:,}", "equal", r["seen"] == r["budget"]),
+        ("sample order = reference's", "yes" if r["log_matches_reference"] else "no", "yes",
+         r["log_matches_reference"]),
+        ("final weights = reference's (bit for bit)", "yes" if r["weights_equal"] else "no", "yes",
+         r["weights_equal"]),
+    ]  # fmt: skip
+    for check, result, want, met in checks:
+        targets.check(f"{check}: {want}", met, result)
+    lines = ["| check | result | target | met |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {'yes' if ok else 'NO'} |" for a, b, c, ok in checks]
     head = (
         f"tiny model, {args.shards} shards x {args.per_shard} samples, batch 8, data.workers={args.workers}, "
         f"checkpoint every {args.checkpoint_every} steps (keep 3), deterministic, 1 thread; "
@@ -259,10 +270,10 @@ def table(r: dict, args: argparse.Namespace) -> str:
         f"(incl. start-up), chaos run {r['chaos_s']:.0f} s wall incl. {r['kills'] + 1} start-ups"
     )
     kills = "; ".join(r["events"])
-    return f"{head}\n\n" + "\n".join(lines) + f"\n\nkills: {kills}\n"
+    return f"{head}\n\n" + "\n".join(lines) + f"\n\nkills: {kills}\n\nVerdict: {targets.summary()}.\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=5.0, help="length of the uninterrupted run (default 5)")
     p.add_argument("--samples", type=int, default=0, help="train.samples (default: calibrated to --minutes)")
@@ -273,26 +284,39 @@ def main() -> None:
     p.add_argument("--per-shard", type=int, default=64)
     p.add_argument("--checkpoint-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "chaos"))
-    p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
-    args = p.parse_args()
+    p.add_argument("--out", default=str(_record.RUNS / "chaos"))
+    _record.add_record_flag(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = build_parser()
+    args = p.parse_args(argv)
     if not 0 <= args.checkpoint_kills <= args.kills:
         p.error("--checkpoint-kills must be between 0 and --kills")
+    _record.output_dir(args.out)
+    load_start = _record.load_average()
+    print(f"load average at the start (1, 5, 15 min): {load_start}", flush=True)
     result = chaos(args)
-    text = table(result, args)
+    targets = _record.Targets()
+    text = table(result, args, targets)
     print(text)
-    (Path(args.out) / "result.json").write_text(json.dumps(result, indent=1))
-    if args.append:
-        command = "python " + shlex.join(["benchmarks/chaos.py", *sys.argv[1:]])
-        machine = f"{os.cpu_count()} cpus, torch {torch.__version__}, python {platform.python_version()}"
-        stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
-        with open(RESULTS, "a") as f:
-            f.write(
-                f"\n## Chaos: SIGKILL and resume ({stamp})\n\n```\n{command}\n```\n\nmachine: {machine}\n\n{text}"
-            )
-    ok = result["survived"] and result["checkpoints_lost"] == 0 and result["weights_equal"]
-    sys.exit(0 if ok and result["repeated"] == 0 and result["skipped"] == 0 else 1)
+    _record.write_text(Path(args.out) / "result.json", json.dumps(result, indent=1))
+    load_end = _record.load_average()
+    print(f"load average at the end (1, 5, 15 min): {load_end}", flush=True)
+    machine = (
+        f"{os.cpu_count()} cpus, torch {torch.__version__}, python {platform.python_version()}, load average "
+        f"(1, 5, 15 min) {load_start} at the start, {load_end} at the end"
+    )
+    stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
+    section = (
+        f"## Chaos: SIGKILL and resume ({stamp})\n\n```\n{_record.command_line('chaos.py', argv)}\n```\n\n"
+        f"machine: {machine}\n\n{text}"
+    )
+    _record.save_report("chaos", section, args.record)
+    return targets.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

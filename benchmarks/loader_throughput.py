@@ -19,12 +19,13 @@ Each (tool, workers) run is a fresh subprocess (``_loader_runner.py``): OpenCLIP
 clipkit's in ``.venv``. Runs alternate between the tools, ``--repeats`` times. Reported:
 images/s (wall time from the first ``next()`` to the last batch) and images per CPU-second
 (this process plus its loader workers), median over the repeats, and clipkit / OpenCLIP
-ratios. The 2 cores here are shared with other work: wall numbers move with the load (printed),
-CPU-second numbers much less.
+ratios. The 2 cores here are shared with other work: wall numbers move with the load (printed
+at the start and the end), CPU-second numbers much less. Target: clipkit / OpenCLIP images/s
+>= 2.0 at every worker count; exit status 1 when it is missed.
 
-    bash benchmarks/setup_openclip_env.sh              # once
-    .venv/bin/python benchmarks/loader_throughput.py   # ~10 min; appends to benchmarks/RESULTS.md
-    .venv/bin/python benchmarks/loader_throughput.py --samples 512 --repeats 1 --no-record   # smoke
+    bash benchmarks/setup_openclip_env.sh                       # once
+    .venv/bin/python benchmarks/loader_throughput.py --record   # ~10 min; + a section in RESULTS.md
+    .venv/bin/python benchmarks/loader_throughput.py --samples 512 --repeats 1   # smoke: stdout + runs/bench/
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import json
 import os
 import platform
 import random
-import shlex
 import statistics
 import subprocess
 import sys
@@ -44,12 +44,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _record
+
 RUNNER = ROOT / "benchmarks" / "_loader_runner.py"
 PYTHONS = {
     "clipkit": ROOT / ".venv" / "bin" / "python",
     "openclip": ROOT / ".venv-openclip" / "bin" / "python",
 }
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+TARGET = 2.0  # clipkit / OpenCLIP images/s (wall), at every worker count
 ASPECTS = [4 / 3, 3 / 2, 16 / 9, 1.0, 5 / 4, 3 / 4, 2 / 3, 9 / 16]
 
 
@@ -190,7 +194,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, default=3000)
     p.add_argument("--shards", type=int, default=8)
@@ -198,14 +202,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--tools", nargs="+", default=["openclip", "clipkit"], choices=["openclip", "clipkit"])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "loader_shards"))
+    p.add_argument("--out", default=str(_record.RUNS / "loader_shards"))
     p.add_argument("--json", help="also save every run as JSON")
-    p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    args = p.parse_args(argv)
+    _record.add_record_flag(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     if "openclip" in args.tools and not PYTHONS["openclip"].exists():
         sys.exit("no .venv-openclip: run `bash benchmarks/setup_openclip_env.sh` first")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _record.output_dir(args.out)
+    load_start = _record.load_average()
+    print(f"load average at the start (1, 5, 15 min): {load_start}", flush=True)
     pattern = make_shards(out, args.samples, args.shards)
     print(f"shards: {pattern} ({args.samples} JPEGs)", flush=True)
     runs = []
@@ -217,36 +227,38 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {tool:8s} workers={w} rep={rep}: {r['images']} images, {r['images_per_s']:.1f}/s wall, "
                       f"{r['images_per_cpu_s']:.1f}/CPU-s (load {r['load_avg']:.1f})", flush=True)  # fmt: skip
     rows = summarise(runs, args.tools, args.workers)
-    text = table(rows)
-    print(text)
+    targets = _record.Targets()
+    lines = [
+        targets.check(f"workers={r['workers']}: clipkit >= {TARGET:g}x OpenCLIP's images/s", r["ratio_wall"] >= TARGET,
+                      f"{r['ratio_wall']:.2f}x")
+        for r in rows if "ratio_wall" in r
+    ]  # fmt: skip
+    loads = (load_start, _record.load_average())
+    text = (
+        table(rows) + "\n\n" + "".join(f"- {line}\n" for line in lines) + f"\nVerdict: {targets.summary()}.\n"
+    )
+    print(text + f"load average at the end (1, 5, 15 min): {loads[1]}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "summary": rows}, indent=1))
-    if not args.no_record:
-        _record(text, runs, args)
+        _record.write_text(args.json, json.dumps({"runs": runs, "summary": rows}, indent=1))
+    _record.save_report("loader_throughput", section(text, argv, args, loads), args.record)
+    return targets.exit_code()
 
 
-def _record(text: str, runs: list[dict], args: argparse.Namespace) -> None:
+def section(text: str, argv: list[str], args: argparse.Namespace, loads: tuple[str, str]) -> str:
     import torch
 
-    loads = [r["load_avg"] for r in runs]
-    command = "python benchmarks/loader_throughput.py " + shlex.join(sys.argv[1:])
-    section = f"""
-## Loader throughput {dt.datetime.now().isoformat(timespec="seconds")}
+    return f"""## Loader throughput {dt.datetime.now().isoformat(timespec="seconds")}
 
 ```
-{command.strip()}
+{_record.command_line("loader_throughput.py", argv)}
 ```
 
-machine: {os.cpu_count()} cpus (shared; 1-min load avg during the runs {min(loads):.1f}-{max(loads):.1f}), torch {torch.__version__}, python {platform.python_version()}
+machine: {os.cpu_count()} cpus, load average (1, 5, 15 min) {loads[0]} at the start, {loads[1]} at the end; torch {torch.__version__}, python {platform.python_version()}
 work: {args.samples} JPEGs (longest side 400-1000 px) in {args.shards} shards -> RandomResizedCrop(224, scale 0.9-1, bicubic) + Normalize, open_clip ViT-B-32 tokenizer, batch {args.batch_size}, train mode; OMP/MKL/torch threads 1, workers one thread each; median of {args.repeats} runs each, tools alternating
 ratio = clipkit / OpenCLIP (`open_clip_train.data.get_wds_dataset`, open_clip_torch 3.3.0, webdataset 0.2.86)
 
-{text}
-"""
-    with open(RESULTS_MD, "a", encoding="utf-8") as f:
-        f.write(section)
-    print(f"appended to {RESULTS_MD}")
+{text}"""
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,11 @@ SigLIP losses (``clip_tiled``, ``siglip_tiled``) against open_clip's ``ClipLoss`
 
     .venv/bin/python benchmarks/loss_memory.py                      # B = 4096 .. 262144, D = 512
     .venv/bin/python benchmarks/loss_memory.py --sizes 4096 16384   # a quick look
-    .venv/bin/python benchmarks/loss_memory.py --append             # + a section in RESULTS.md
+    .venv/bin/python benchmarks/loss_memory.py --record             # + a section in RESULTS.md
+
+Targets (issue #7): <= 1 GB above bare torch at B = 65,536; <= 1.2x open_clip's wall time at
+B = 16,384. Exit status 1 when one is missed. The report goes to stdout and
+runs/bench/loss_memory/, and to RESULTS.md only with ``--record``.
 
 Method. Every (implementation, B) runs in a fresh child process (one at a time) that imports
 torch and the loss, allocates the inputs (two (B, D) float32 L2-normalised leaves that require
@@ -39,6 +43,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _record
+
 MB = 2**20
 IMPLS = {
     "clipkit clip_tiled": ("clipkit", "clip_tiled"),
@@ -46,7 +54,6 @@ IMPLS = {
     "open_clip ClipLoss": ("open_clip", "clip"),
     "open_clip SigLipLoss": ("open_clip", "siglip"),
 }
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 # ----------------------------------------------------------------------------- child side
@@ -287,7 +294,7 @@ def ratios(rows: list[dict], b: int) -> list[str]:
     return out
 
 
-def targets(rows: list[dict]) -> list[str]:
+def targets(rows: list[dict], verdicts: _record.Targets) -> list[str]:
     """Issue #7's bar: <= 1 GB above bare torch at 65,536; <= 1.2x open_clip's wall at 16,384."""
     out = []
     for impl in ("clipkit clip_tiled", "clipkit siglip_tiled"):
@@ -295,19 +302,17 @@ def targets(rows: list[dict]) -> list[str]:
         above = None if r is None else r.get("above_bare_mb", r.get("est_above_bare_mb"))
         if above is not None:
             how = "measured" if "above_bare_mb" in r else "simulated"
-            verdict = "met" if above <= 1024 else "NOT met"
-            out.append(
-                f"- target <= 1 GB above bare torch at B = 65,536: {impl} {above / 1024:.2f} GB ({how}): {verdict}"
-            )
+            what = f"<= 1 GB above bare torch at B = 65,536: {impl}"
+            out.append("- " + verdicts.check(what, above <= 1024, f"{above / 1024:.2f} GB, {how}"))
     for line in ratios(rows, 16384):
         ratio = float(line.split("wall ")[1].split("x")[0])
         out.append(
-            f"- target <= 1.2x open_clip's wall time at B = 16,384: {'met' if ratio <= 1.2 else 'NOT met'}; {line[2:]}"
+            "- " + verdicts.check("<= 1.2x open_clip's wall time at B = 16,384", ratio <= 1.2, line[2:])
         )
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536, 262144])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS), metavar="IMPL")
@@ -320,10 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dense-limit-gb", type=float, default=8.0, help="largest predicted open_clip peak to run"
     )
-    p.add_argument("--append", action="store_true", help=f"append the results to {RESULTS.name}")
+    _record.add_record_flag(p)
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--meta", action="store_true", help=argparse.SUPPRESS)
-    opts = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = build_parser().parse_args(argv)
     if opts.child:
         import torch
 
@@ -335,26 +345,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(json.dumps(res))
         return 0
+    load_start = _record.load_average()
+    print(f"load average at the start (1, 5, 15 min): {load_start}", flush=True)
     base, rows = measure(opts)
     report = table(base, rows)
     lines = [report, ""]
     for b in opts.sizes:
         lines += ratios(rows, b)
-    lines += ["", *targets(rows)]
+    verdicts = _record.Targets()
+    lines += ["", *targets(rows, verdicts), "", f"Verdict: {verdicts.summary()}."]
     text = "\n".join(lines)
     print(text)
-    if opts.append:
-        cmd = shlex.join([".venv/bin/python", "benchmarks/loss_memory.py", *(argv or sys.argv[1:])])
-        stamp = time.strftime("%Y-%m-%d %H:%M")
-        section = (
-            f"\n## Loss memory: tiled clipkit losses vs open_clip ({stamp})\n\n"
-            f"```\n{cmd}\n```\n\nD = {opts.dim}, float32, forward + backward, {opts.threads} threads, "
-            f"CPU; timed sizes: best of {opts.iters} iterations per run, {opts.rounds} interleaved runs."
-            f"\n\n{text}\n"
-        )
-        with RESULTS.open("a") as f:
-            f.write(section)
-    return 0
+    load_end = _record.load_average()
+    print(f"load average at the end (1, 5, 15 min): {load_end}", flush=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    section = (
+        f"## Loss memory: tiled clipkit losses vs open_clip ({stamp})\n\n"
+        f"```\n{_record.command_line('loss_memory.py', argv)}\n```\n\nD = {opts.dim}, float32, forward + "
+        f"backward, {opts.threads} threads, CPU, load average (1, 5, 15 min) {load_start} at the start, "
+        f"{load_end} at the end; timed sizes: best of {opts.iters} iterations per run, {opts.rounds} "
+        f"interleaved runs.\n\n{text}\n"
+    )
+    _record.save_report("loss_memory", section, opts.record)
+    return verdicts.exit_code()
 
 
 if __name__ == "__main__":

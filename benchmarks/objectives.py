@@ -20,7 +20,10 @@ standard error, sqrt(s_a^2/n + s_b^2/n): |z| >= 2 is a difference beyond seed no
 The distillation rows need a teacher: a CLIP model of the same architecture trained first with
 twice the budget and all MiniLM layers unlocked (seed 100; its scores are listed as well).
 Results per run go to ``--out`` as JSON, so an interrupted benchmark continues where it
-stopped; the table is written to ``benchmarks/objectives.md``.
+stopped. The table page is printed and written to ``--out``/objectives.md; ``--record`` also
+writes it to ``benchmarks/objectives.md`` (tracked). The reading of the figures is hand-written in
+``benchmarks/objectives_analysis.md``, which this script never writes. Exit status 1 when a run
+failed (the table has no targets).
 """
 
 from __future__ import annotations
@@ -39,9 +42,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from clipkit.cli.demo import RECIPE, Listed, balanced_subset, build_data, score
+import _record
+
+from clipkit.cli.demo import Listed, balanced_subset, build_data, score
 from clipkit.config import load_config
+
+TABLE_MD = ROOT / "benchmarks" / "objectives.md"  # written only with --record
+ANALYSIS_MD = ROOT / "benchmarks" / "objectives_analysis.md"  # hand-written; never written here
+
+# The emoji-only LiT recipe (the demo's before #14; its data is what build_data makes).
+RECIPE = ROOT / "train" / "lit_emoji.yaml"
 
 # (row name, overrides, what it is). "{teacher}" and "{n}" are filled in at run time.
 ROWS: list[tuple[str, list[str], str]] = [
@@ -80,7 +92,7 @@ ROWS: list[tuple[str, list[str], str]] = [
 METRICS = ("zs_top1", "r1", "r5", "gap", "wall_s")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="", help="comma list of row names (default: all)")
     p.add_argument("--seeds", default="0,1,2")
@@ -88,10 +100,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zeroshot-per-class", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
     p.add_argument("--data", type=Path, default=ROOT / "data")
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "objectives")
-    p.add_argument("--md", type=Path, default=ROOT / "benchmarks" / "objectives.md")
+    p.add_argument("--out", type=Path, default=_record.RUNS / "objectives", help="runs, scores and the table")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
-    return p.parse_args(argv)
+    _record.add_record_flag(p, f"write the table page to {TABLE_MD.relative_to(ROOT)}")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def common_overrides(args: argparse.Namespace, emoji: Path, seed: int, name: str) -> list[str]:
@@ -266,7 +282,7 @@ def report(args: argparse.Namespace, argv: list[str] | None, seeds: list[int], o
     """The markdown page: the command, the setting, the table and any failed runs."""
     results, failed, feats, teacher = outcome
     text = table(results, {name: what for name, _, what in ROWS})
-    cmd = " ".join(["python", "benchmarks/objectives.py", *(argv if argv is not None else sys.argv[1:])])
+    cmd = _record.command_line("objectives.py", list(sys.argv[1:] if argv is None else argv))
     return (
         "# Objectives on the demo LiT setup\n\n"
         f"`{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {sum(r['wall_s'] for rs in results.values() for r in rs):.0f} s of training in all; "
@@ -280,6 +296,7 @@ def report(args: argparse.Namespace, argv: list[str] | None, seeds: list[int], o
         + text
         + "\n"
         + ("\nFailed runs:\n" + "".join(f"- {f}\n" for f in failed) if failed else "")
+        + f"\nWhat these figures show is read by hand in `{ANALYSIS_MD.name}` (not written by this script).\n"
     )
 
 
@@ -291,14 +308,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     wanted = wanted_rows(args)
     seeds = [int(s) for s in args.seeds.split(",")]
+    _record.output_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     emoji, n_train, feats = prepare(args)
     teacher = train_teacher(args, emoji, feats, wanted)
     results, failed = run_rows(args, wanted, seeds, (emoji, n_train, feats, teacher))
     doc = report(args, argv, seeds, (results, failed, feats, teacher))
-    args.md.write_text(doc)
     print("\n" + doc)
+    for path in (args.out / "objectives.md", *([TABLE_MD] if args.record else [])):
+        _record.write_text(path, doc, record=path == TABLE_MD)
+        print(f"table written to {path}", flush=True)
     return 1 if failed else 0
 
 

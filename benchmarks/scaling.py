@@ -28,8 +28,9 @@ each run left out) and end to end (samples / wall time of the whole command), CP
 load average when it ended; per tool the scaling efficiency, steady samples/s of 2 processes over
 twice that of 1 (a figure, no target: on 2 shared cores it measures contention as much as
 clipkit); and the largest weight difference between clipkit's 1- and 2-process runs (target
-<= 1e-5). Exit 1 when a run fails or the target is missed. RESULTS.md is written only with
-``--record``.
+<= 1e-5). Exit 1 when a run fails or the target is missed. The report goes to stdout and
+runs/bench/scaling/; RESULTS.md is written only with ``--record``. The load average is printed at
+the start and the end.
 """
 
 from __future__ import annotations
@@ -47,11 +48,11 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # the sibling helper modules, however this file was loaded
     sys.path.insert(0, _HERE)
 
+import _record
 from _throughput_clipkit import clipkit_overrides, clipkit_recipe, read_clipkit_metrics
 from _throughput_common import (
     MAIN_ENV,
     OPENCLIP_ENV,
-    RESULTS_MD,
     ROOT,
     RUNNER,
     Hparams,
@@ -212,18 +213,21 @@ def report(rows: list[Row], diff: tuple[float, str] | None, args: argparse.Names
                 f"- {tool}: scaling efficiency 1 -> 2 processes {fmt(100 * eff)} % (steady samples/s)"
             )
     if diff is not None:
-        met = diff[0] <= WEIGHT_TOL
-        ok = ok and met
-        verdict = "met" if met else "MISSED"
+        verdicts = _record.Targets()
         lines.append(
-            f"- clipkit: largest weight difference 1 vs 2 processes {diff[0]:.2e} ({diff[1]}); "
-            f"target <= {WEIGHT_TOL:.0e}: {verdict}"
+            "- clipkit: "
+            + verdicts.check(
+                f"largest weight difference 1 vs 2 processes <= {WEIGHT_TOL:.0e}",
+                diff[0] <= WEIGHT_TOL,
+                f"{diff[0]:.2e}, {diff[1]}",
+            )
         )
+        ok = ok and verdicts.exit_code() == 0
     lines += ["", *(f"- {r.tool} {r.procs}p: `{r.command}`" for r in rows)]
     return "\n".join(lines), ok
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -238,7 +242,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tools", default="clipkit,openclip", help="comma list of: clipkit, openclip")
     p.add_argument("--skip-steps", type=int, default=3, help="first steps left out of the steady rate")
     p.add_argument("--out", default="runs/bench_scaling", help="shards, run folders and logs")
-    p.add_argument("--record", action="store_true", help=f"append the results to {rel(RESULTS_MD)}")
+    _record.add_record_flag(p)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.global_batch < 2 or args.global_batch % 2:
         p.error(f"--global-batch must be even and >= 2, got {args.global_batch}")
@@ -248,11 +257,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    out = ROOT / args.out / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = _record.output_dir(ROOT / args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
     size = MODELS[args.model][1]
     shards = write_shards(ROOT / args.out / f"shards-{size}px-{args.global_batch}", 2 * args.epoch_batches,
                           args.global_batch // 2, size)  # fmt: skip
-    print(f"[scaling] load average at the start: {load_average()}", flush=True)
+    load_start = _record.load_average()
+    print(f"[scaling] load average at the start (1, 5, 15 min): {load_start}", flush=True)
     rows, folders = [], {}
     for tool in args.tools.split(","):
         for procs in (1, 2):
@@ -269,12 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     if {("clipkit", 1), ("clipkit", 2)} <= ran:
         diff = max_weight_difference(folders["clipkit", 1], folders["clipkit", 2])
     text, ok = report(rows, diff, args)
+    text += f"\n\nload average (1, 5, 15 min): {load_start} at the start, {_record.load_average()} at the end"
     print("\n" + text, flush=True)
-    if args.record:
-        stamp = datetime.now().isoformat(timespec="seconds")
-        command = shlex.join(["python", "benchmarks/scaling.py", *argv])
-        with open(RESULTS_MD, "a") as f:
-            f.write(f"\n## Scaling: 1 and 2 processes ({stamp})\n\n```\n{command}\n```\n\n{text}\n")
+    stamp = datetime.now().isoformat(timespec="seconds")
+    command = _record.command_line("scaling.py", argv)
+    section = f"## Scaling: 1 and 2 processes ({stamp})\n\n```\n{command}\n```\n\n{text}\n"
+    _record.save_report("scaling", section, args.record)
     return 0 if ok else 1
 
 

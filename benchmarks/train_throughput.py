@@ -36,7 +36,9 @@ Usage (from the repo root, in the main venv)::
     .venv/bin/python benchmarks/train_throughput.py --setups lit --tools openclip --lit-samples 2048
     .venv/bin/python benchmarks/train_throughput.py --synthetic 2000      # no emoji shards needed
 
-Results are printed as a table and appended, with the command line, to benchmarks/RESULTS.md.
+Results are printed as a table with a verdict per setup (exit status 1 when a target is missed or
+a run fails) and saved under runs/bench/train_throughput/; ``--record`` appends them, with the
+command line, to benchmarks/RESULTS.md. The load average is printed at the start and the end.
 
 The pieces live beside this file: ``_throughput_common.py`` (paths, records, running a tool),
 ``_throughput_setups.py`` (shards, setups), ``_throughput_openclip.py`` and ``_throughput_clipkit.py``
@@ -55,14 +57,15 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # the sibling helper modules, however this file was loaded
     sys.path.insert(0, _HERE)
 
+import _record
 from _throughput_clipkit import run_clipkit
-from _throughput_common import EMOJI_TRAIN_GLOB, RESULTS_MD, ROOT
+from _throughput_common import EMOJI_TRAIN_GLOB, ROOT
 from _throughput_openclip import run_openclip, run_openclip_extrapolated
-from _throughput_report import append_results, describe, fmt, table
+from _throughput_report import describe, fmt, save, table, verdicts
 from _throughput_setups import build_setups, locate_shards
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -76,6 +79,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--small-image-size", type=int, default=128)
     p.add_argument("--small-context-length", type=int, default=32)
     p.add_argument("--small-warmup", type=int, default=10, help="warmup steps of the small setup")
+    p.add_argument("--small-precision", default="fp32", choices=["fp32", "bf16"], help="small: both tools")
+    p.add_argument("--clipkit-set", action="append", default=[], help="small: extra clipkit override k=v")
     p.add_argument("--lit-epochs", type=int, default=10)
     p.add_argument(
         "--lit-samples", type=int, default=0, help="fixed LiT sample budget (1 epoch) instead of epochs"
@@ -96,18 +101,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads in the training process")
     p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     p.add_argument("--skip-steps", type=int, default=3, help="steps left out of the steady-state rate")
-    p.add_argument("--out", default="runs/bench", help="run folders and logs")
-    p.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS_MD.name}")
+    p.add_argument("--out", default="runs/bench", help="run folders and logs (relative to the repo root)")
     p.add_argument("--json", default="", help="also write results (with loss curves) to this JSON file")
-    return p.parse_args(argv)
+    _record.add_record_flag(p)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
+    out_root = _record.output_dir(ROOT / args.out)
+    load_start = _record.load_average()
+    print(f"load average at the start (1, 5, 15 min): {load_start}", flush=True)
     shards = locate_shards(args)
     setups = build_setups(args, shards)
-    out_root = ROOT / args.out
     info = describe(setups)
     print(info, flush=True)
     runners = {"openclip": run_openclip, "clipkit": run_clipkit}
@@ -125,20 +132,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r.note}",
                 flush=True,
             )
+    loads = f"load average (1, 5, 15 min) {load_start} at the start, {_record.load_average()} at the end"
+    targets = _record.Targets()
+    failed = [r for r in results if r.note.startswith("exit")]
     text = (
         info
-        + "\n\n"
+        + f"\n{loads}\n\n"
         + table(results)
         + "\n\n"
+        + "".join(f"- {line}\n" for line in verdicts(results, targets))
+        + "".join(f"- run failed: {r.setup}/{r.tool}: {r.note}\n" for r in failed)
+        + f"\nVerdict: {targets.summary()}.\n\n"
         + "\n".join(f"- {r.setup}/{r.tool}: `{r.command}`" for r in results)
     )
     print("\n" + text)
     if args.json:
-        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
-    failed = [r for r in results if r.note.startswith("exit")]
-    if not args.no_record and not failed:
-        append_results(text, argv)
-    return 1 if failed else 0
+        _record.write_text(args.json, json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    if args.record and failed:
+        print("not appended to RESULTS.md: a run failed", flush=True)
+    save(text, argv, args.record and not failed)
+    return 1 if failed else targets.exit_code()
 
 
 if __name__ == "__main__":

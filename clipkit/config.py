@@ -270,6 +270,11 @@ class OptimConfig:
     grad_clip: float = 1.0
     # Micro-batches accumulated per optimizer step.
     accum_steps: int = 1
+    # How AdamW runs its update (the same math; clipkit.training.optim): "fused" (one kernel over
+    # all parameters, CPU and GPU), "foreach" (batched tensor ops), "for_loop" (one parameter at a
+    # time, torch's CPU default), or "auto": fused, except foreach under train.precision=fp16 (the
+    # gradient scaler's skipped steps are only seen without fused) or where fused is not built.
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -280,8 +285,10 @@ class TrainConfig:
     seed: int = 0
     # "fp32"; "bf16" (autocast, CPU and GPU); or "fp16" (autocast + a gradient scaler that skips
     # overflowing steps and lowers its scale; on CPU it runs, slowly, to test the GPU path).
-    # See clipkit.training.precision.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # See clipkit.training.precision. "auto": bf16 where the hardware computes in it (a GPU with
+    # bf16; a CPU with AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo), else fp32; the choice and
+    # its reason are printed at the start of the run and kept in config.yaml.
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     # Run folder is <output_dir>/<run_name>; empty name = timestamp.
     output_dir: str = "runs"
     run_name: str = ""

@@ -27,11 +27,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import re
+import warnings
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
-from clipkit.data.atomic import atomic_write_text
+import numpy as np
+from PIL import Image
+
+from clipkit.data.atomic import atomic_write_bytes, atomic_write_text
 from clipkit.data.build import BuildOptions, build_shards
 from clipkit.data.builders import BUILDERS
 from clipkit.data.imageops import ImageOptions
@@ -44,6 +50,7 @@ NS = {
 }
 SKIP_KEYWORDS = {"unsorted", "hash", "none", ""}
 MAX_KEYWORDS = 8
+MAX_SILHOUETTE_PIXELS = 40_000_000
 
 
 def _key_hash(text: str) -> float:
@@ -112,6 +119,46 @@ def _items(pairs: list[tuple[str, Path, Path]]) -> list[SourceItem]:
     ]
 
 
+def silhouette(png: Path) -> np.ndarray | None:
+    """The drawing's alpha mask, white shape on black (H, W) uint8; None when the PNG has no
+    transparent background to cut the shape from (every pixel opaque, or none) or is over
+    ``MAX_SILHOUETTE_PIXELS``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size checked below
+        try:
+            img = Image.open(png)
+        except Image.DecompressionBombError:  # the shard build drops these as too large
+            return None
+    with img:
+        if "A" not in img.getbands() and "transparency" not in img.info:
+            return None
+        if img.width * img.height > MAX_SILHOUETTE_PIXELS:
+            return None
+        alpha = np.asarray(img.convert("RGBA"))[:, :, 3]  # (H, W)
+    mask = alpha >= 128
+    if mask.all() or not mask.any():
+        return None
+    return np.where(mask, 255, 0).astype(np.uint8)
+
+
+def _silhouette_items(pairs: list[tuple[str, Path, Path]], folder: Path) -> tuple[list[SourceItem], int]:
+    """(items whose images are the drawings' silhouettes, written once under ``folder``; number of
+    drawings without one). Keys follow the list position, as ``_items``'s do."""
+    items, skipped = [], 0
+    for rel, png, svg in pairs:
+        out = folder / f"{rel}.png"
+        if not out.is_file():
+            mask = silhouette(png)
+            if mask is None:
+                skipped += 1
+                continue
+            buf = io.BytesIO()
+            Image.fromarray(mask, mode="L").save(buf, format="PNG")
+            atomic_write_bytes(out, buf.getvalue())
+        items.append(SourceItem(len(items), str(out), (caption_of(*svg_metadata(svg)),)))
+    return items, skipped
+
+
 @BUILDERS.register("openclipart")
 def build(
     out_dir: str | Path,
@@ -121,10 +168,15 @@ def build(
     limit: int | None = None,
     root: str | Path = ROOT,
     threads: int = 4,
+    silhouettes: bool = False,
 ) -> dict[str, object]:
     """Write ``<out_dir>/{train,val}/``; returns counts and the dropped items by reason.
 
     ``limit``: only the first N drawings in hash order (a quick, category-mixed subset).
+    ``silhouettes``: also ``<out_dir>/train_silhouettes/``, each train drawing's alpha mask drawn
+    white on black with the drawing's caption (drawings without a transparent background have
+    none), as the emoji builder adds for emoji: shapes alone, which is what Animal-MNIST-like
+    silhouette sets show. A separate folder, so a recipe mixes it in with its own weight.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -141,6 +193,20 @@ def build(
         )
         counts[split], counts[f"{split}_shards"] = stats["samples"], stats["shards"]
         counts[f"{split}_dropped"] = stats["errors"]
+        if split == "train" and silhouettes:
+            items, counts["train_no_silhouette"] = _silhouette_items(
+                chosen, Path(out_dir) / ".silhouette_png"
+            )
+            stats = build_shards(
+                items,
+                Path(out_dir) / "train_silhouettes",
+                replace(opts, key_prefix="s"),  # keys apart from train's: a recipe mixes both
+                source=f"openclipart:{root}:train:silhouettes",
+            )
+            counts["train_silhouettes"], counts["train_silhouettes_shards"] = (
+                stats["samples"],
+                stats["shards"],
+            )
     # captioned pairs: `clipkit eval` reads the folder as a retrieval set, as it does emoji's
     atomic_write_text(Path(out_dir) / "dataset_type.txt", "retrieval\n")
     return counts
@@ -154,8 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-size", type=int, default=1000, help="drawings per shard")
     parser.add_argument("--limit", type=int, help="only the first N drawings (hash order)")
     parser.add_argument("--root", default=str(ROOT))
+    parser.add_argument("--silhouettes", action="store_true", help="also write train_silhouettes/")
     args = parser.parse_args(argv)
-    c = build(args.out, args.val_fraction, args.max_side, args.shard_size, args.limit, args.root)
+    c = build(
+        args.out, args.val_fraction, args.max_side, args.shard_size, args.limit, args.root,
+        silhouettes=args.silhouettes,
+    )  # fmt: skip
     print(
         f"openclipart: {c['train']} train samples in {c['train_shards']} shards, {c['val']} val samples in "
         f"{c['val_shards']} shards under {args.out}; dropped train {c['train_dropped']}, val {c['val_dropped']}"

@@ -65,3 +65,54 @@ def test_small_build_is_readable_and_rerun_is_a_no_op(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "train").glob("*.tar")}
     assert oc.build(tmp_path, limit=40, shard_size=16) == counts
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "train").glob("*.tar")} == before
+
+
+def _png(arr, mode) -> io.BytesIO:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf
+
+
+def test_silhouette_is_the_alpha_mask_and_needs_a_transparent_background(tmp_path):
+    import numpy as np
+
+    rgba = np.zeros((6, 5, 4), dtype=np.uint8)
+    rgba[..., :3] = 200  # colour is ignored: only the shape counts
+    rgba[1:4, 2:4, 3] = 255
+    rgba[0, 0, 3] = 127  # under half opaque: background
+    rgba[5, 4, 3] = 128  # half opaque: shape
+    (tmp_path / "shape.png").write_bytes(_png(rgba, "RGBA").getvalue())
+    want = np.zeros((6, 5), dtype=np.uint8)
+    want[1:4, 2:4] = 255
+    want[5, 4] = 255
+    assert (oc.silhouette(tmp_path / "shape.png") == want).all()
+    rgba[..., 3] = 255
+    (tmp_path / "opaque.png").write_bytes(_png(rgba, "RGBA").getvalue())
+    (tmp_path / "rgb.png").write_bytes(_png(rgba[..., :3].copy(), "RGB").getvalue())
+    assert oc.silhouette(tmp_path / "opaque.png") is None and oc.silhouette(tmp_path / "rgb.png") is None
+
+
+def test_train_silhouettes_carry_their_drawings_captions(tmp_path):
+    import numpy as np
+
+    counts = oc.build(tmp_path, limit=40, shard_size=16, silhouettes=True)
+    assert counts["train_silhouettes"] >= 20  # most clip art has a transparent background
+
+    def read(split):
+        out = []
+        for name in sorted(read_sizes(tmp_path / split)):
+            with open(tmp_path / split / name, "rb") as f:
+                out.extend(iter_samples(f))
+        return out
+
+    sil, train = read("train_silhouettes"), read("train")
+    assert len(sil) == counts["train_silhouettes"]
+    assert {s["txt"] for s in sil} <= {s["txt"] for s in train}
+    # one recipe mixes both folders: the feature cache and resume need disjoint keys
+    assert all(s["__key__"].startswith("s") for s in sil)
+    assert not {s["__key__"] for s in sil} & {s["__key__"] for s in train}
+    for s in sil[:10]:
+        grey = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("L"), dtype=np.int16)
+        near_binary = (np.minimum(grey, 255 - grey) < 40).mean()
+        assert near_binary > 0.95 and 0 < (grey > 127).mean() < 1  # a shape, white on black
+    assert oc.build(tmp_path, limit=40, shard_size=16, silhouettes=True) == counts  # a rerun: a no-op

@@ -4,6 +4,7 @@ and an open_clip-tower model, loaded back by open_clip both ways, embed like cli
 from __future__ import annotations
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -14,7 +15,6 @@ from clipkit.models import build_model
 from clipkit.models.export import ExportError, export_open_clip
 from clipkit.training import checkpoint as ckpt
 
-open_clip = pytest.importorskip("open_clip")
 TEXTS = ["a grinning face", "the flag of  Japan", "a red apple on a table, photographed from above"]
 
 

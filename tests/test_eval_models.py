@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,6 @@ from clipkit.models import build_model
 from clipkit.models.specs import ModelSpecError, safe_name
 from clipkit.models.specs import load_model as load_eval_model
 from clipkit.training import checkpoint as ckpt
-
-open_clip = pytest.importorskip("open_clip")
 
 
 def photo(seed: int, size=(40, 30)) -> Image.Image:

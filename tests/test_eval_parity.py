@@ -14,6 +14,7 @@ alignment), for the reference as much as for clipkit.
 from __future__ import annotations
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,6 @@ from clipkit.evaluation import (
 )
 from clipkit.evaluation.retrieval import embed_retrieval
 from clipkit.evaluation.zeroshot import zeroshot_logits
-
-open_clip = pytest.importorskip("open_clip")
 
 EXTS = ["webp", "png", "jpg", "jpeg"]
 CLASSNAMES = ["cat", "dog", "car", "tree", "boat", "bird"]

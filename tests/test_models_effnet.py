@@ -4,6 +4,7 @@ import copy
 import os
 
 import pytest
+import skimage.data as skimage_data
 import timm
 import torch
 from PIL import Image
@@ -13,7 +14,6 @@ from clipkit.models import build_model, build_tower
 from clipkit.models.towers_timm import bundled_effnet_lite0_state_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-skimage_data = pytest.importorskip("skimage.data")
 
 BUNDLED = TowerConfig(name="timm:tf_efficientnet_lite0", weights="bundled")
 

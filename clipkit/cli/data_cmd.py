@@ -4,6 +4,7 @@ clipkit data build photos/ --out shards/photos                  # folder + sidec
 clipkit data build pairs.parquet --image-col url --caption-col caption --out shards/pairs
 clipkit data build captions_coco.json --root coco/ --split train,restval --captions each --out shards/coco
 clipkit data build urls.txt --out shards/web --timeout 10 --retries 2
+clipkit data build urls.txt --out shards/web --engine ray --address auto   # same shards, Ray tasks
 clipkit data build emoji|animal-mnist|openclipart --out data/NAME   # bundled real sources
 clipkit data inspect shards/photos --preview 16
 clipkit data validate shards/photos                               # exit 1 naming each bad member
@@ -27,6 +28,7 @@ BUILD_DEFAULTS = {
     "min_side": 0, "format": "jpg", "quality": 95, "shard_size": 1000, "prefix": "shard",
     "threads": 16, "timeout": 10.0, "retries": 2, "user_agent": None, "incremental": False,
     "dedup": False, "min_words": 0, "max_words": 0, "min_chars": 0, "max_chars": 0, "blocklist": None,
+    "engine": "local", "address": None,
 }  # fmt: skip
 
 
@@ -77,6 +79,10 @@ def _add_build(dsub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--incremental", action="store_true", default=None, help="keep finished shards of a killed run"
     )
+    o.add_argument("--engine", choices=["local", "ray"], help="local: a thread pool in this process (default); "
+                   "ray: one Ray task per shard, same output (pip install 'clipkit[ray]')")  # fmt: skip
+    o.add_argument("--address", help="--engine ray: the cluster (e.g. auto, HOST:6379, ray://HOST:10001; "
+                   "default $RAY_ADDRESS, else a local cluster of this machine's cores)")  # fmt: skip
     _caption_rule_flags(b)
     b.set_defaults(run=run_build)
 
@@ -187,13 +193,21 @@ def run_build(args: argparse.Namespace) -> int:
     from clipkit.data.build import build_shards
     from clipkit.data.sources import open_source
 
+    if args.address is not None and args.engine != "ray":
+        raise ClipkitError("--address names a Ray cluster: add --engine ray")
     opts = _build_options(args)
     splits = [s.strip() for s in args.split.split(",") if s.strip()] if args.split else None
     kind, items = open_source(
         args.source, image_col=args.image_col, caption_cols=args.caption_col or (), root=args.root,
         splits=splits, caption_ext=args.caption_ext or "txt",
     )  # fmt: skip
-    stats = build_shards(items, args.out, opts, source=str(args.source), progress=_print_shard)
+    if args.engine == "ray":
+        from clipkit.data.engines.ray_build import build_shards_ray
+
+        stats = build_shards_ray(items, args.out, opts, source=str(args.source), progress=_print_shard,
+                                 address=args.address)  # fmt: skip
+    else:
+        stats = build_shards(items, args.out, opts, source=str(args.source), progress=_print_shard)
     errors = ", ".join(f"{k} {v}" for k, v in stats["errors"].items()) or "none"
     print(f"{kind} '{args.source}': {stats['items']} items, {stats['ok']} ok -> {stats['samples']} samples "
           f"in {stats['shards']} shards under {args.out}; dropped: {errors} (details: <shard>.parquet, _stats.json)")  # fmt: skip

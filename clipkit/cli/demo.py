@@ -14,6 +14,7 @@ CLI layer because it imports the builders in ``data_tools/``.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,18 @@ RECIPE = REPO / "train" / "lit_emoji.yaml"
 
 
 def balanced_subset(dataset: Any, per_class: int) -> list[dict[str, Any]]:
-    """The first ``per_class`` samples of each label, in dataset order (0 = all)."""
+    """The first ``per_class`` samples of each label, in dataset order (0 = all); reading stops
+    once each of the dataset's ``classnames`` has them."""
     seen: dict[int, int] = {}
-    out = []
+    out: list[dict[str, Any]] = []
+    classes = len(getattr(dataset, "classnames", []))
     for sample in dataset:
         n = seen.get(sample["label"], 0)
         if per_class <= 0 or n < per_class:
             out.append(sample)
             seen[sample["label"]] = n + 1
+            if per_class > 0 and classes and len(out) == classes * per_class:
+                break
     return out
 
 
@@ -69,6 +74,46 @@ def recipe_sources(cfg: Config) -> list[str]:
         if name in BUILDERS.names() and name not in names:
             names.append(name)
     return names
+
+
+def first_shards(spec: str, samples: int, at_least: int = 1) -> str:
+    """``spec`` with each "::" part cut to its first shards that hold ``samples`` samples
+    (``sizes.json``), and at least ``at_least`` shards (every loader worker reads its own), so a
+    short run reads and caches only those. A part whose shards are not all listed in
+    ``sizes.json`` stays whole; the number of parts (sources) never changes."""
+    from clipkit.data.urls import expand_urls, shard_sizes
+
+    parts = []
+    for part in (p.strip() for p in spec.split("::") if p.strip()):
+        shards = expand_urls(part)
+        sizes = shard_sizes(shards)
+        if len(sizes) != len(shards):
+            parts.append(part)
+            continue
+        counts = [sizes[s] for s in shards]
+        keep = next((i + 1 for i in range(len(shards)) if sum(counts[: i + 1]) >= samples), len(shards))
+        parts.append(brace_list(shards[: max(keep, at_least)]))
+    return "::".join(parts)
+
+
+def brace_list(shards: list[str]) -> str:
+    """One shard-spec part naming exactly ``shards``: "dir/{a.tar,b.tar}" (or "{dir/a,other/b}")."""
+    if len(shards) == 1:
+        return shards[0]
+    parents = {str(Path(s).parent) for s in shards}
+    if len(parents) == 1:
+        return f"{parents.pop()}/{{{','.join(Path(s).name for s in shards)}}}"
+    return "{" + ",".join(shards) + "}"
+
+
+def first_pairs(dataset: Any, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` samples of ``dataset`` in its order (0 = all)."""
+    out = []
+    for sample in dataset:
+        if 0 < n <= len(out):
+            break
+        out.append(sample)
+    return out
 
 
 def relocate(spec: str, data_root: Path) -> str:
@@ -137,9 +182,35 @@ def write_results(run_dir: Path, cfg: Config, results: dict[str, dict]) -> None:
             write_result(path, datasets[task], model_name, f"{run_dir}#{state}", tasks[task], values)
 
 
+def shrink(cfg: Config, samples: int | None, out: Path | None) -> list[str]:
+    """Overrides for a short run: ``samples`` -> ``train.samples`` and only the first training
+    shards that hold them, one at least per loader worker (``first_shards``); ``out`` ->
+    ``train.output_dir``."""
+    extra = []
+    if samples is not None:
+        if samples <= 0:
+            raise ClipkitError(f"demo --samples must be > 0, got {samples}")
+        shards = first_shards(cfg.data.train, samples, max(1, cfg.data.workers))
+        spec = json.dumps(shards)  # quoted: YAML would read "{a,b}" as a mapping
+        extra += [f"train.samples={samples}", f"data.train={spec}"]
+    if out is not None:
+        extra.append(f"train.output_dir={out}")
+    return extra
+
+
 def run_demo(
-    overrides: list[str], data_root: Path, zeroshot_per_class: int, recipe: str | Path = RECIPE
+    overrides: list[str],
+    data_root: Path,
+    zeroshot_per_class: int,
+    recipe: str | Path = RECIPE,
+    samples: int | None = None,
+    retrieval_pairs: int = 0,
+    out: Path | None = None,
 ) -> Path:
+    """The demo (module docstring). ``samples``: train on that many samples from the first
+    training shards that hold them, instead of the recipe's ``train.samples`` over all of them;
+    ``retrieval_pairs``: score the first that many emoji val pairs (0 = all); ``out``: the runs
+    folder (``train.output_dir``). The user's ``overrides`` win over all three."""
     from clipkit.evaluation.cached import tower_feature_dataset
     from clipkit.evaluation.datasets import ClipBenchmarkWds
     from clipkit.evaluation.report import format_table
@@ -158,7 +229,8 @@ def run_demo(
     # The recipe names data/emoji (data/openclipart ...); --data moves the shards, so the recipe
     # follows them (the user's own overrides still come last and win).
     where = [f"data.{k}={relocate(getattr(named.data, k), data_root)}" for k in ("train", "val")]
-    cfg = load_config(recipe, where + list(overrides))
+    moved = load_config(recipe, where)
+    cfg = load_config(recipe, where + shrink(moved, samples, out) + list(overrides))
     seed_everything(cfg.train.seed, False)
     untrained = build_model(cfg.model)
 
@@ -166,6 +238,8 @@ def run_demo(
     animals = ClipBenchmarkWds(animal_dir)
     animals = Listed(balanced_subset(animals, zeroshot_per_class), animals)
     emoji_val = ClipBenchmarkWds(emoji_dir, split="val")
+    if retrieval_pairs > 0:
+        emoji_val = Listed(first_pairs(emoji_val, retrieval_pairs), emoji_val)
     precision = cfg.train.feature_cache_precision  # the eval images go through the tower as the train ones do
     zs_feats = tower_feature_dataset(untrained, animals, cfg.eval.batch_size, "Animal-MNIST", precision)
     rt_feats = tower_feature_dataset(untrained, emoji_val, cfg.eval.batch_size, "emoji val", precision)

@@ -28,11 +28,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=100,
         help="Animal-MNIST images per class to score (0 = all 1,000; default 100 keeps the demo short)",
     )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="train on this many samples, read from the first training shards that hold them "
+        "(default: the recipe's train.samples over all its shards); a few hundred make a one-minute check",
+    )
+    p.add_argument(
+        "--retrieval-pairs",
+        type=int,
+        default=0,
+        help="emoji val pairs to score retrieval on, the first N (default 0 = all 392)",
+    )
+    p.add_argument(
+        "--out", default=None, help="runs folder for the run (default: the recipe's train.output_dir)"
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from clipkit.cli.demo import RECIPE, run_demo
 
-    run_demo(args.overrides, Path(args.data), args.zeroshot_per_class, args.recipe or RECIPE)
+    out = Path(args.out) if args.out else None
+    run_demo(
+        args.overrides, Path(args.data), args.zeroshot_per_class, args.recipe or RECIPE,
+        samples=args.samples, retrieval_pairs=args.retrieval_pairs, out=out,
+    )  # fmt: skip
     return 0

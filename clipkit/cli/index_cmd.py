@@ -1,8 +1,10 @@
 """``clipkit index {embed,build,merge,query,serve}``: search indexes over a collection.
 
 clipkit index embed --model runs/lit_emoji --shards 'data/emoji/val/*.tar' --out data/idx/emb
+clipkit index embed --model runs/lit_emoji --shards 'data/emoji/val/*.tar' --out data/idx/emb --engine ray
 clipkit index build data/idx/emb --out data/idx/index --memory 512MB --target-recall 0.95
-clipkit index merge data/idx/a data/idx/b --out data/idx/ab
+clipkit index build data/idx/emb --out data/idx/big --key IVF65536,PQ64 --memory 8G --partitions 64 --engine ray
+clipkit index merge data/idx/a data/idx/b --out data/idx/ab [--memory 8G]
 clipkit index query data/idx/index --text "a red heart" --k 5 [--json]
 clipkit index serve data/idx/index --port 8000
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from clipkit.errors import ClipkitError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +35,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--on-error", choices=["skip", "raise"], default="skip", help="bad samples: count or stop")
     e.add_argument("--caption-key", default="txt")
     e.add_argument("--image-keys", default="jpg;jpeg;png;webp")
+    e.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (or torchrun ranks); ray: Ray actors, each holding the model "
+                   "(pip install 'clipkit[ray]'); same output")  # fmt: skip
+    e.add_argument("--address", default=None, help="--engine ray: the cluster (e.g. auto, HOST:6379, "
+                   "ray://HOST:10001; default $RAY_ADDRESS, else a local cluster)")  # fmt: skip
+    e.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="G",
+                   help="--engine ray: GPUs per model copy (e.g. 1, or 0.5 for two per GPU; default 0: CPUs)")  # fmt: skip
     e.set_defaults(run=run_embed)
 
     b = isub.add_parser("build", help="choose, train, fill and tune an index for a memory budget")
@@ -45,11 +56,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--trained", default=None, help="reuse this build folder's trained index (for merging)")
     b.add_argument("--threads", type=int, default=0, help="FAISS threads (0: all cores)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--partitions", type=int, default=1, help="add IVF vectors in this many parallel tasks")
+    b.add_argument("--workers", type=int, default=0, help="partition tasks at once (0: one per core)")
+    b.add_argument("--engine", choices=["local", "ray"], default="local", help="run partitions in a local "
+                   "process pool or on Ray (pip install 'clipkit[ray]')")  # fmt: skip
+    b.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     b.set_defaults(run=run_build)
 
     m = isub.add_parser("merge", help="join index folders built on separate parts")
     m.add_argument("folders", nargs="+")
     m.add_argument("--out", required=True)
+    m.add_argument("--memory", default=None, help="put IVF lists on disk when the parts exceed this")
     m.set_defaults(run=run_merge)
 
     q = isub.add_parser("query", help="search an index with text, an image or a batch file")
@@ -100,6 +117,10 @@ def run_embed(args: argparse.Namespace) -> int:
         caption_key=args.caption_key,
         image_keys=args.image_keys,
     )
+    if args.engine == "ray":
+        return _run_embed_ray(args, source)
+    if args.address is not None or args.gpus_per_actor:
+        raise ClipkitError("--address and --gpus-per-actor are for the Ray engine: add --engine ray")
     state = PartialState()  # rank / world size from torchrun or accelerate launch
     model = load_model(args.model, args.override, state.device)
     config, parts = embed_collection(
@@ -124,10 +145,27 @@ def run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_embed_ray(args: argparse.Namespace, source) -> int:
+    from clipkit.index.ray_embed import embed_collection_ray
+    from clipkit.index.store import finish
+
+    config, parts = embed_collection_ray(
+        args.model, source, args.out, model_overrides=args.override, modality=args.modality,
+        batch_size=args.batch_size, dtype=args.dtype, on_error=args.on_error,
+        gpus_per_actor=args.gpus_per_actor, address=args.address,
+    )  # fmt: skip
+    info = finish(args.out, config, parts)
+    print(
+        f"{info['rows']} embeddings of width {info['dim']} in {args.out}; skipped: {info['skipped'] or 'none'}"
+    )
+    return 0
+
+
 def run_build(args: argparse.Namespace) -> int:
     import faiss
 
     from clipkit.index.build import build_index
+    from clipkit.index.partition import FillPlan
 
     if args.threads > 0:
         faiss.omp_set_num_threads(args.threads)
@@ -142,12 +180,15 @@ def run_build(args: argparse.Namespace) -> int:
         key=args.key,
         trained=args.trained,
         seed=args.seed,
+        fill_plan=FillPlan(args.partitions, args.workers, args.engine, args.address),
     )
     recall = r[f"recall_at_{r['k']}"]
+    disk = f" (lists on disk: {r['ivfdata']})" if r.get("ivfdata") else ""
     print(
         f"{r['index_key']} {r['search_params']}: recall@{r['k']} {recall}, "
         f"{r['qps_batch1']:.0f} q/s (batch 1), {r['qps_batch1000']:.0f} q/s (batch {r['batch_of_many']}), "
-        f"{r['size_bytes'] / 2**20:.1f} MiB, built in {r['build_time_s']:.1f} s -> {args.out}"
+        f"{(r['size_bytes'] + r.get('ivfdata_bytes', 0)) / 2**20:.1f} MiB{disk}, "
+        f"built in {r['build_time_s']:.1f} s -> {args.out}"
     )
     return 0
 
@@ -155,7 +196,7 @@ def run_build(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     from clipkit.index.merge import merge_indexes
 
-    merge_indexes(args.folders, args.out)
+    merge_indexes(args.folders, args.out, memory=args.memory)
     return 0
 
 

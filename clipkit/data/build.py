@@ -58,6 +58,9 @@ class BuildOptions:
     threads: int = 16  # concurrent fetch + process
     fetch: Fetcher = field(default_factory=Fetcher)
     incremental: bool = False  # keep finished shards of an interrupted run with the same options
+    # Put before every sample key: two builds mixed in one training run need disjoint keys
+    # (the feature cache and the resume state are keyed by them), e.g. "s" -> "s000000012".
+    key_prefix: str = ""
 
     def __post_init__(self) -> None:
         if self.captions not in CAPTION_MODES:
@@ -72,6 +75,8 @@ class BuildOptions:
             d.pop(name)
         d["rules"] = self.rules.to_dict()
         d["image"]["border_color"] = list(self.image.border_color)
+        if not self.key_prefix:  # builds from before the option match builds without a prefix
+            d.pop("key_prefix")
         return d
 
 
@@ -189,7 +194,7 @@ def read_status(path: str | Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------- the run
 
 
-def _shard_files(out: Path, prefix: str) -> dict[int, dict[str, Path]]:
+def shard_files(out: Path, prefix: str) -> dict[int, dict[str, Path]]:
     """{shard number: {"tar": path, "parquet": path}} of this prefix's finished files."""
     pattern = re.compile(re.escape(prefix) + r"-(\d+)\.(tar|parquet)")
     found: dict[int, dict[str, Path]] = {}
@@ -200,7 +205,9 @@ def _shard_files(out: Path, prefix: str) -> dict[int, dict[str, Path]]:
     return found
 
 
-def _prepare_output(out: Path, opts: BuildOptions, source: str) -> None:
+def prepare_output(out: Path, opts: BuildOptions, source: str) -> None:
+    """Create ``out``; check ``--incremental`` options against ``_build.json`` (or clear this
+    prefix's shards for a fresh build); record the options."""
     out.mkdir(parents=True, exist_ok=True)
     info = {"source": source, "options": opts.identity()}
     build_file = out / BUILD_FILE
@@ -214,17 +221,23 @@ def _prepare_output(out: Path, opts: BuildOptions, source: str) -> None:
                 "rerun without --incremental to rebuild, or use the same settings"
             )
     else:  # a fresh build (also --incremental without a previous run's record)
-        for files in _shard_files(out, opts.prefix).values():
+        for files in shard_files(out, opts.prefix).values():
             for p in files.values():
                 p.unlink()
         for name in (SIZES_FILE, STATS_FILE):
             (out / name).unlink(missing_ok=True)
-    for p in out.glob(f".{opts.prefix}-*.tmp"):  # temporary files of a killed run
-        p.unlink()
+    remove_temporaries(out, opts.prefix)
     atomic_write_text(build_file, json.dumps(info, indent=1, sort_keys=True))
 
 
-def _chunks(items: Iterable[SourceItem], size: int) -> Iterator[tuple[int, list[SourceItem]]]:
+def remove_temporaries(out: Path, prefix: str) -> None:
+    """Delete the temporary files of writers that were killed (``TarShard``, atomic parquet)."""
+    for p in out.glob(f".{prefix}-*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def source_chunks(items: Iterable[SourceItem], size: int) -> Iterator[tuple[int, list[SourceItem]]]:
+    """(shard number, its items) in source order: shard ``s`` holds indexes ``[s * size, (s + 1) * size)``."""
     chunk: list[SourceItem] = []
     shard = 0
     for item in items:
@@ -237,14 +250,16 @@ def _chunks(items: Iterable[SourceItem], size: int) -> Iterator[tuple[int, list[
         yield shard, chunk
 
 
-class _Run:
-    """State of one build: the next idx, dedup hashes, and per-shard writing."""
+class BuildState:
+    """State of one build in shard order: the next idx, dedup hashes, and per-shard writing.
+    The local engine writes through ``write``; a distributed one ``place``s each shard from its
+    ``ok_summary`` and writes it elsewhere with the returned first idx and hashes."""
 
     def __init__(self, out: Path, opts: BuildOptions, progress: Callable[[dict], None] | None):
         self.out, self.opts, self.progress = out, opts, progress
         self.next_idx = 0
         self.seen: dict[str, str] = {}  # sha1 -> key of the first item with these pixels
-        self.finished = {n for n, f in _shard_files(out, opts.prefix).items() if len(f) == 2}
+        self.finished = {n for n, f in shard_files(out, opts.prefix).items() if len(f) == 2}
         self.rebuilt_any = False
 
     def reuse(self, shard: int) -> bool:
@@ -263,33 +278,80 @@ class _Run:
         return True
 
     def write(self, shard: int, outcomes: Iterable[Outcome]) -> None:
-        name = shard_name(self.opts.prefix, shard)
-        rows = []
-        with TarShard(self.out / name) as tar:
-            for out in outcomes:
-                key = sample_key(out.item.index)
-                if out.status == "ok" and self.opts.dedup and out.image is not None:
-                    first = self.seen.setdefault(out.image.sha1, key)
-                    if first != key:
-                        out.status, out.detail = "duplicate", f"same image as {first}"
-                if out.status != "ok":
-                    rows.append(_row(out, key, None, 0))
-                    continue
-                samples = _samples(out, key, self.opts)
-                rows.append(_row(out, key, self.next_idx, len(samples)))
-                for k, members in samples:
-                    tar.add(k, {**members, "idx": str(self.next_idx)})
-                    self.next_idx += 1
-        _write_table(self.out / name.replace(".tar", ".parquet"), rows)
+        rows = write_shard(self.out, self.opts, shard, outcomes, self.next_idx, self.seen)
+        self.next_idx += sum(r["samples"] for r in rows)
         self._report(shard, rows, reused=False)
+
+    def place(self, summary: list[tuple[str, str | None, int]]) -> tuple[int, dict[str, str]]:
+        """Account a shard that is written elsewhere from its ``ok_summary``: returns its first idx
+        and the ``seen`` entries of its images, with which ``write_shard`` writes what ``write``
+        would have written here."""
+        first_idx, shard_seen = self.next_idx, {}
+        for key, sha1, samples in summary:
+            if sha1 is not None:  # the same test as write_shard's
+                shard_seen[sha1] = self.seen.setdefault(sha1, key)
+                if shard_seen[sha1] != key:
+                    continue  # a duplicate: written as a status row without samples
+            self.next_idx += samples
+        return first_idx, shard_seen
 
     def _report(self, shard: int, rows: list[dict[str, Any]], reused: bool) -> None:
         if self.progress is not None:
-            statuses = Counter(r["status"] for r in rows)
-            self.progress({
-                "shard": shard_name(self.opts.prefix, shard), "items": len(rows), "ok": statuses.pop("ok", 0),
-                "samples": sum(r["samples"] for r in rows), "errors": dict(statuses), "reused": reused,
-            })  # fmt: skip
+            self.progress(shard_report(self.opts.prefix, shard, rows, reused))
+
+
+def write_shard(
+    out: Path,
+    opts: BuildOptions,
+    shard: int,
+    outcomes: Iterable[Outcome],
+    first_idx: int,
+    seen: dict[str, str],
+) -> list[dict[str, Any]]:
+    """Write shard ``shard`` (its tar, then its status parquet, each atomically) from its items'
+    outcomes in source order; returns the status rows. Samples get idx ``first_idx, first_idx + 1,
+    ...``. ``seen`` maps an image's sha1 to the key of the first ok item with those pixels (dedup;
+    this shard's new images are added): every engine writes a shard through this one function."""
+    name = shard_name(opts.prefix, shard)
+    rows, next_idx = [], first_idx
+    with TarShard(out / name) as tar:
+        for o in outcomes:
+            key = opts.key_prefix + sample_key(o.item.index)
+            if o.status == "ok" and opts.dedup and o.image is not None:
+                first = seen.setdefault(o.image.sha1, key)
+                if first != key:
+                    o.status, o.detail = "duplicate", f"same image as {first}"
+            if o.status != "ok":
+                rows.append(_row(o, key, None, 0))
+                continue
+            samples = _samples(o, key, opts)
+            rows.append(_row(o, key, next_idx, len(samples)))
+            for k, members in samples:
+                tar.add(k, {**members, "idx": str(next_idx)})
+                next_idx += 1
+    _write_table(out / name.replace(".tar", ".parquet"), rows)
+    return rows
+
+
+def ok_summary(outcomes: list[Outcome], opts: BuildOptions) -> list[tuple[str, str | None, int]]:
+    """(key, image sha1 when deduplicating, samples) of each ok item in order: all that
+    ``BuildState.place`` needs to place a shard, without its images."""
+    summary = []
+    for o in outcomes:
+        if o.status == "ok":
+            key = opts.key_prefix + sample_key(o.item.index)
+            sha1 = o.image.sha1 if opts.dedup and o.image is not None else None
+            summary.append((key, sha1, len(_samples(o, key, opts))))
+    return summary
+
+
+def shard_report(prefix: str, shard: int, rows: list[dict[str, Any]], reused: bool) -> dict[str, Any]:
+    """The ``progress`` record of one finished shard (``clipkit data build`` prints one line each)."""
+    statuses = Counter(r["status"] for r in rows)
+    return {
+        "shard": shard_name(prefix, shard), "items": len(rows), "ok": statuses.pop("ok", 0),
+        "samples": sum(r["samples"] for r in rows), "errors": dict(statuses), "reused": reused,
+    }  # fmt: skip
 
 
 def build_shards(
@@ -302,11 +364,11 @@ def build_shards(
 ) -> dict[str, Any]:
     """Write the shards of ``items`` into ``out_dir``; returns the ``_stats.json`` content."""
     out, start = Path(out_dir), time.time()
-    _prepare_output(out, opts, source)
-    run = _Run(out, opts, progress)
+    prepare_output(out, opts, source)
+    run = BuildState(out, opts, progress)
     last = -1
     with ThreadPoolExecutor(opts.threads, thread_name_prefix="clipkit-build") as pool:
-        chunks = _chunks(items, opts.shard_size)
+        chunks = source_chunks(items, opts.shard_size)
         ahead: deque[tuple[int, list[SourceItem], list[Future] | None]] = deque()
 
         def submit_next() -> None:
@@ -330,12 +392,12 @@ def build_shards(
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    return _finish(out, opts, last, source, time.time() - start)
+    return finish_build(out, opts, last, source, time.time() - start)
 
 
-def _finish(out: Path, opts: BuildOptions, last: int, source: str, elapsed: float) -> dict[str, Any]:
+def finish_build(out: Path, opts: BuildOptions, last: int, source: str, elapsed: float) -> dict[str, Any]:
     """Drop shards beyond the source's end, then write sizes.json and _stats.json from the parquets."""
-    files = _shard_files(out, opts.prefix)
+    files = shard_files(out, opts.prefix)
     for n in [n for n in files if n > last]:  # left by an earlier run over a longer source
         for p in files.pop(n).values():
             p.unlink()

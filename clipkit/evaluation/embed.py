@@ -3,6 +3,8 @@
 Batching, device, eval mode and the image transform are ``clipkit.models.embed``'s; this
 module adds what evaluation needs on top: labels and captions kept beside the embeddings, a
 dataset split across ranks (``EvalSource.shard``) and every rank receiving the whole result.
+Images go through ``image_inference``: channels-last for a convolutional image side (fp32, the
+same scores), bf16 autocast only with ``precision="bf16"``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import torch
 
 from clipkit.evaluation.distributed import Ranks, all_gather
 from clipkit.evaluation.source import EvalDataError
-from clipkit.models.embed import encode_images, encode_texts, eval_mode, image_batches, model_device
+from clipkit.models.embed import (
+    encode_images,
+    encode_texts,
+    eval_mode,
+    image_batches,
+    image_inference,
+    model_device,
+)
 
 
 @dataclass
@@ -31,16 +40,21 @@ class Embedded:
 
 
 def _rank_part(
-    model: Any, dataset: Iterable[dict[str, Any]], batch_size: int, num_workers: int, texts: bool
+    model: Any,
+    dataset: Iterable[dict[str, Any]],
+    batch_size: int,
+    num_workers: int,
+    texts: bool,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     device = model_device(model)
     part: dict[str, Any] = {"order": [], "keys": [], "labels": [], "images": [], "texts": [], "counts": []}
-    with eval_mode(model):
+    with eval_mode(model), image_inference(model, precision) as prep:
         for batch in image_batches(model, dataset, batch_size, num_workers):
             start = len(part["order"])
             part["order"] += [o if o is not None else (0, start + i) for i, o in enumerate(batch["order"])]
             part["keys"] += batch["key"]
-            part["images"].append(encode_images(model, batch["image"], device).float().cpu())
+            part["images"].append(encode_images(model, prep(batch["image"]), device).float().cpu())
             if "label" in batch:
                 part["labels"].append(batch["label"])
             if texts:
@@ -89,8 +103,12 @@ def embed_dataset(
     num_workers: int = 0,
     ranks: Ranks | None = None,
     texts: bool = False,
+    precision: str = "fp32",
 ) -> Embedded:
     """Embed every image (and, with ``texts``, every caption) of ``dataset``.
+
+    ``precision``: ``"fp32"`` or ``"bf16"`` (autocast; the caller checks it is native,
+    ``clipkit.models.embed.check_precision``).
 
     With ``ranks.world`` > 1 each rank embeds its share (``dataset.shard``) and all ranks
     receive the gathered result. Raises ``EvalDataError`` naming ``dataset`` when it is empty.
@@ -101,7 +119,7 @@ def embed_dataset(
         if not hasattr(dataset, "shard"):
             raise TypeError(f"{dataset!r} cannot be split across ranks (it has no .shard(rank, world))")
         source = dataset.shard(ranks.rank, ranks.world)
-    part = _rank_part(model, source, batch_size, num_workers, texts)
+    part = _rank_part(model, source, batch_size, num_workers, texts, precision)
     try:
         return _merge(all_gather(part, ranks), texts)
     except EvalDataError:

@@ -12,8 +12,22 @@ compared with), including its tie-breaking:
   left out, as scikit-learn does.
 - retrieval recall@k (``clip_benchmark/metrics/zeroshot_retrieval.py``): scores are
   ``text_emb @ image_emb.T``. Text->image ("image_retrieval"): a text is a hit when its
-  image is in the top k images. Image->text ("text_retrieval"): an image is a hit when
-  ANY of its captions is in the top k texts; an image without captions is a miss.
+  image is in ``scores[t].topk(k)``. Image->text ("text_retrieval"): an image is a hit when
+  ANY of its captions is in ``scores.T[i].topk(k)``; an image without captions is a miss.
+  The rule is "in torch.topk's k indices", not "fewer than k strictly higher scores": on
+  exactly tied scores (an image present twice, a caption shared by two images) topk keeps
+  some of the tied candidates and drops others. On the CPU it runs libstdc++'s
+  ``std::partial_sort`` (when ``64 * k <= n``) or ``std::nth_element`` over ``(score, index)``
+  pairs compared by score alone, so its choice is not index order (only k = 1 with
+  ``n >= 64`` keeps the first maximal index) but a function of every comparison in the row:
+  a tie or a near-tie that rounding flips anywhere in the row can move a hit at the top.
+  The scores are therefore one matrix product, as CLIP_benchmark's: float32 rounding
+  depends on the product's shape (a block of 1 or 7 rows is rounded differently from the
+  whole matrix, and a 1-row product even gives two copies of one image different scores),
+  and a blocked product moves hits on sets with duplicate images. Equal embeddings give
+  bitwise equal rows, equal topk choices and CLIP_benchmark's hits.
+  The value is the exact fraction of hits (float64); CLIP_benchmark reports the same
+  fraction rounded to float32 (``.float().mean()``).
 
 Differences, both on inputs where CLIP_benchmark fails or has no number: ``acc5`` is
 left out when there are fewer than 5 classes (CLIP_benchmark stores NaN), and k larger
@@ -132,7 +146,7 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
 
 def _topk_idx(scores: torch.Tensor, k: int) -> torch.Tensor:
     # scores: (b, M) -> (b, min(k, M)) candidate indices, best first; one topk call per k
-    # as CLIP_benchmark's recall_at_k (so ties break the same way).
+    # as CLIP_benchmark's recall_at_k (its k candidates among tied scores are the same).
     return scores.topk(min(k, scores.shape[1]), dim=1, largest=True, sorted=True).indices
 
 
@@ -146,8 +160,11 @@ def retrieval_metrics(
     """Recall@k both ways, ``{"image_retrieval_recall@k", "text_retrieval_recall@k"}``.
 
     image_emb (Ni, D), text_emb (Nt, D), text_to_image (Nt,): the image of each text.
-    Scores are plain inner products (pass L2-normalised embeddings for cosine). The
-    score matrix is built ``block_size`` rows at a time: memory O(block_size * N).
+    Scores are plain inner products (pass L2-normalised embeddings for cosine), built as
+    one (Nt, Ni) product like CLIP_benchmark's (see the module docstring: a blocked product
+    can round differently and move a tied hit), so memory is Nt * Ni scores. ``block_size``
+    rows are ranked per ``topk`` call, which bounds its temporaries and changes no result.
+    CLIP_benchmark multiplies on the CPU: pass CPU tensors for its numbers.
     """
     ks = _check_ks(ks)
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
@@ -162,22 +179,23 @@ def retrieval_metrics(
         raise MetricInputError(f"text_to_image must have shape ({n_txt},), got {tuple(t2i.shape)}")
     if t2i.min() < 0 or t2i.max() >= n_img:
         raise MetricInputError(f"text_to_image holds image indices outside [0, {n_img})")
+    if block_size < 1:
+        raise MetricInputError(f"block_size must be a positive number of rows, got {block_size}")
     text_emb = text_emb.to(image_emb.device, image_emb.dtype)
+    scores = text_emb @ image_emb.T  # (Nt, Ni): CLIP_benchmark's one product, never blocked
 
     img_hits = dict.fromkeys(ks, 0)  # text -> image: texts whose image is in the top k
     for s in range(0, n_txt, block_size):
-        scores = text_emb[s : s + block_size] @ image_emb.T  # (b, Ni)
         target = t2i[s : s + block_size, None]  # (b, 1)
         for k in ks:
-            img_hits[k] += int((_topk_idx(scores, k) == target).any(dim=1).sum())
+            img_hits[k] += int((_topk_idx(scores[s : s + block_size], k) == target).any(dim=1).sum())
 
     txt_hits = dict.fromkeys(ks, 0)  # image -> text: images with any caption in the top k
     for s in range(0, n_img, block_size):
-        # Same orientation as CLIP_benchmark's `scores.T`: (Nt, b) -> (b, Nt).
-        scores = (text_emb @ image_emb[s : s + block_size].T).T
-        own = torch.arange(s, s + scores.shape[0], device=t2i.device)[:, None]  # (b, 1)
+        rows = scores.T[s : s + block_size]  # (b, Nt): CLIP_benchmark's `scores.T` rows, same values
+        own = torch.arange(s, s + rows.shape[0], device=t2i.device)[:, None]  # (b, 1)
         for k in ks:
-            txt_hits[k] += int((t2i[_topk_idx(scores, k)] == own).any(dim=1).sum())
+            txt_hits[k] += int((t2i[_topk_idx(rows, k)] == own).any(dim=1).sum())
 
     out: dict[str, float] = {}
     for k in ks:  # key order as CLIP_benchmark

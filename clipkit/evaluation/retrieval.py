@@ -26,9 +26,10 @@ def embed_retrieval(
     batch_size: int = 128,
     num_workers: int = 0,
     ranks: Ranks | None = None,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """image_emb (Ni, D), text_emb (Nt, D), text_to_image (Nt,), all on the CPU, reading order."""
-    emb = embed_dataset(model, dataset, batch_size, num_workers, ranks, texts=True)
+    emb = embed_dataset(model, dataset, batch_size, num_workers, ranks, texts=True, precision=precision)
     if emb.text_emb is None or len(emb.text_emb) == 0:
         raise EvalDataError(f"{dataset!r} has images but no captions")
     return emb.image_emb, emb.text_emb, emb.text_to_image
@@ -41,10 +42,13 @@ def evaluate_retrieval(
     ks: Sequence[int] = (1, 5, 10),
     num_workers: int = 0,
     ranks: Ranks | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """``{"image_retrieval_recall@k", "text_retrieval_recall@k"}`` for each k.
 
     ``dataset`` yields ``{"image": PIL, "captions": list[str], "key"}``.
     """
-    image_emb, text_emb, text_to_image = embed_retrieval(model, dataset, batch_size, num_workers, ranks)
+    image_emb, text_emb, text_to_image = embed_retrieval(
+        model, dataset, batch_size, num_workers, ranks, precision
+    )
     return retrieval_metrics(image_emb, text_emb, text_to_image, ks, block_size=max(batch_size, 256))

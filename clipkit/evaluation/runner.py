@@ -45,6 +45,8 @@ class RunOptions:
     # Summary table, bar chart and confusion matrices (the JSONs are always written).
     report: bool = True
     ranks: Ranks = field(default_factory=Ranks)
+    # "fp32" (default: scores identical to CLIP_benchmark's) or "bf16" autocast where native.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -100,12 +102,13 @@ def run_entry(
     """(metrics, zero-shot result or None) of ``model`` on one prepared dataset.
 
     ``images`` memoises image embeddings by dataset fingerprint, so zero-shot entries that
-    share a dataset (prompt ablations) embed its images once. With ``opts.cache_dir``, a model
-    whose image tower is locked reads that tower's outputs from disk
-    (``clipkit.evaluation.tower_cache``): the suite's models share one image pass.
+    share a dataset (prompt ablations) embed its images once, and the class weights of each
+    (class names, prompts), so datasets that share them encode their prompts once. With
+    ``opts.cache_dir``, a model whose image tower is locked reads that tower's outputs from disk
+    (``clipkit.evaluation.tower_cache``, fp32 only): the suite's models share one image pass.
     """
-    e, bs, nw, ranks = prep.entry, opts.batch_size, opts.num_workers, opts.ranks
-    if e.task != "linear_probe" and ranks.world == 1:  # a locked image tower: its outputs from disk
+    e, bs, nw, ranks, precision = prep.entry, opts.batch_size, opts.num_workers, opts.ranks, opts.precision
+    if e.task != "linear_probe" and ranks.world == 1 and precision == "fp32":  # a locked tower: from disk
         from clipkit.evaluation.tower_cache import cached_view
 
         model, ds, _ = cached_view(model, prep.data["test"], opts.cache_dir, bs, nw)
@@ -118,14 +121,23 @@ def run_entry(
         ds = prep.data["test"]
         key = ds.fingerprint() if images is not None and hasattr(ds, "fingerprint") else None
         if key is not None and key not in images:
-            images[key] = embed_dataset(model, ds, bs, nw, ranks)
+            images[key] = embed_dataset(model, ds, bs, nw, ranks, precision=precision)
         embedded = images[key] if key is not None else None
-        res = run_zeroshot(model, ds, bs, nw, prep.classnames, prep.templates, ranks, embedded)
+        names = prep.classnames if prep.classnames is not None else ds.classnames
+        prompts = prep.templates if prep.templates is not None else ds.templates
+        text_key = ("classifier", repr(names), repr(prompts))  # the class weights of these prompts
+        classifier = images.get(text_key) if images is not None else None
+        res = run_zeroshot(
+            model, ds, bs, nw, prep.classnames, prep.templates, ranks, embedded, classifier, precision
+        )
+        if images is not None:
+            images[text_key] = res.classifier
         return res.metrics, res
     if e.task == "zeroshot_retrieval":
         from clipkit.evaluation.retrieval import evaluate_retrieval
 
-        return evaluate_retrieval(model, prep.data["test"], bs, e.recall_k, nw, ranks), None
+        metrics = evaluate_retrieval(model, prep.data["test"], bs, e.recall_k, nw, ranks, precision)
+        return metrics, None
     from clipkit.evaluation.linear_probe import evaluate_linear_probe
 
     metrics = evaluate_linear_probe(

@@ -53,10 +53,12 @@ def build_classifier(
     templates: list[str] | dict[str, list[str]],
     batch_size: int = 128,
     ranks: Ranks | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """(C, D) unit-norm class weights, in ``classnames`` order.
 
     With several ranks, each encodes every world-th batch of prompts and all gather them.
+    ``precision="bf16"`` encodes the prompts under bf16 autocast.
     """
     ranks = ranks or Ranks()
     prompts = class_prompts(classnames, templates)
@@ -64,7 +66,8 @@ def build_classifier(
     device = model_device(model)
     starts = list(range(0, len(flat), batch_size))
     mine = {}
-    with eval_mode(model):
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with eval_mode(model), bf16:
         for b, s in enumerate(starts):
             if b % ranks.world == ranks.rank:
                 mine[s] = encode_texts(model, flat[s : s + batch_size], device).float().cpu()
@@ -85,6 +88,7 @@ class ZeroShotResult:
     topk: torch.Tensor  # (N, k) class indices, best first (k = min(5, C))
     classnames: list[str]
     keys: list[str]
+    classifier: torch.Tensor | None = None  # (C, D) the class weights used
 
     @property
     def pred(self) -> torch.Tensor:
@@ -106,21 +110,26 @@ def run_zeroshot(
     templates: list[str] | dict[str, list[str]] | None = None,
     ranks: Ranks | None = None,
     embedded: Embedded | None = None,
+    classifier: torch.Tensor | None = None,
+    precision: str = "fp32",
 ) -> ZeroShotResult:
     """Metrics and predictions of ``model`` on ``dataset`` (every rank gets the whole result).
 
-    ``embedded``: the dataset's image embeddings when already computed (e.g. another prompt set).
+    ``embedded``: the dataset's image embeddings when already computed (e.g. another prompt set);
+    ``classifier``: the (C, D) class weights of these class names and prompts when already built
+    (``build_classifier``; e.g. another dataset with the same classes).
     """
     classnames = dataset.classnames if classnames is None else classnames
     templates = dataset.templates if templates is None else templates
-    classifier = build_classifier(model, classnames, templates, batch_size, ranks)
-    emb = embedded or embed_dataset(model, dataset, batch_size, num_workers, ranks)
+    if classifier is None:
+        classifier = build_classifier(model, classnames, templates, batch_size, ranks, precision)
+    emb = embedded or embed_dataset(model, dataset, batch_size, num_workers, ranks, precision=precision)
     if emb.labels is None:
         raise EvalDataError(f"{dataset!r} has no labels: it is not a classification dataset")
     _check_labels(emb.labels, classnames, dataset)
     _, topk = faiss_topk(emb.image_emb, classifier, 5)  # (N, min(5, C)), exact inner product
     metrics = zeroshot_metrics_from_topk(topk, emb.labels, len(classnames))
-    return ZeroShotResult(metrics, emb.labels, topk, list(classnames), emb.keys)
+    return ZeroShotResult(metrics, emb.labels, topk, list(classnames), emb.keys, classifier)
 
 
 def evaluate_zeroshot(

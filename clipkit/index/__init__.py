@@ -4,6 +4,8 @@
     sources.py  what embed reads: webdataset shards, an image folder, a manifest
     choose.py   pure: candidate index keys and their memory for n, d and a budget
     build.py    train on a sample, add part by part, tune nprobe / efSearch, report
+    partition.py   add per partition on a process pool (partition_ray.py: on Ray), then join
+    ondisk.py   inverted lists in an .ivfdata file: join, open relocatably, atomic commit
     search.py   load (memory-mapped), check, query by vector / key
     query.py    the query model, command-line queries (text, image, batch file) -> rows
     merge.py    join index folders built on separate parts

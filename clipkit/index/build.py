@@ -15,7 +15,11 @@
    otherwise the first to reach it.
    When one misses, only candidates with finer codes or another structure are tried next; an
    IVF candidate with the same lists as an earlier one reuses its k-means centroids.
-4. Write ``index.faiss``, ``trained.faiss`` (the trained, empty index: build other shards
+   Adding runs in this process, or (``partitions`` > 1, or lists on disk) per partition of the
+   parts on a process pool or Ray, joined afterwards (``clipkit.index.partition``); the lists
+   go on disk (``clipkit.index.ondisk``) when the chosen index is larger than the budget,
+   which only an explicit ``--key`` (or ``--trained``) allows.
+4. Write ``index.faiss`` (+ its ``index.<token>.ivfdata`` when on disk), ``trained.faiss`` (the trained, empty index: build other shards
    with ``--trained`` to merge them later), ``metadata.parquet`` (row/``id`` i = FAISS id i)
    and ``report.json``, each atomically.
 """
@@ -24,8 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +42,9 @@ import pyarrow.parquet as pq
 
 from clipkit.data.atomic import atomic_open
 from clipkit.errors import ClipkitError
-from clipkit.index import choose
+from clipkit.index import choose, ondisk
 from clipkit.index.families import Candidate, family
+from clipkit.index.partition import ONE_PROCESS, WORK_PREFIX, FillPlan, fill
 from clipkit.index.store import EmbeddingSet, write_json
 
 INDEX_FILE, TRAINED_FILE, META_FILE, REPORT_FILE = (
@@ -174,14 +181,13 @@ def _new_index(
     return family(cand.family).new_index(cand, emb.d, draw, cache)
 
 
-def _attempt(cand, emb, ev, target, rng, trained, centroids, log) -> dict[str, Any]:
+def _attempt(cand, emb, ev, target, rng, trained, centroids, log, add_all) -> dict[str, Any]:
     t0 = time.perf_counter()
     fam = family(cand.family)
     index = _new_index(cand, emb, rng, trained, centroids)
     trained_bytes = faiss.serialize_index(index).tobytes() if fam.shares_training else b""
     t1 = time.perf_counter()
-    for _, vectors in emb.iter_parts():
-        index.add(vectors)
+    index = add_all(index, cand)
     t2 = time.perf_counter()
     params, (recall, bound), curve = fam.tune(index, ev, target)
     t3 = time.perf_counter()
@@ -202,7 +208,7 @@ def _attempt(cand, emb, ev, target, rng, trained, centroids, log) -> dict[str, A
     }
 
 
-def _search_candidates(cands, compare: int, emb, ev, target, rng, trained, log) -> dict[str, Any]:
+def _search_candidates(cands, compare: int, emb, ev, target, rng, trained, log, add_all) -> dict[str, Any]:
     """Build candidates in order until one reaches ``target`` in each of ``compare`` structures.
 
     A candidate is skipped when its structure (flat, hnsw, ivf: ``Candidate.structure``)
@@ -214,7 +220,7 @@ def _search_candidates(cands, compare: int, emb, ev, target, rng, trained, log) 
     for cand in cands:
         if cand.structure in reached or missed.get(cand.structure, -1) >= cand.code_bytes:
             continue
-        att = _attempt(cand, emb, ev, target, rng, trained, centroids, log)
+        att = _attempt(cand, emb, ev, target, rng, trained, centroids, log, add_all)
         if att["reached"]:
             reached.add(cand.structure)
             if compare > 1:
@@ -261,9 +267,14 @@ def build_index(
     trained: str | Path | None = None,
     seed: int = 0,
     speed_seconds: float = 0.15,
+    fill_plan: FillPlan = ONE_PROCESS,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Build, tune and write an index for the export in ``emb_dir``; returns the report."""
+    """Build, tune and write an index for the export in ``emb_dir``; returns the report.
+
+    ``fill_plan``: add in this process (the default) or per partition on an engine; its
+    ``on_disk`` is set here, per candidate, from the budget.
+    """
     t_start, rss_at_start = time.perf_counter(), rss_bytes("VmRSS")
     if not 0 < target_recall <= 1 or k < 1 or n_queries < 1:
         raise BuildError(
@@ -283,10 +294,19 @@ def build_index(
     truth = drop_self(exact_knn(emb, q, k + (self_ids is not None)), self_ids, k)
     gt_s = time.perf_counter() - t0
     ev = Evaluator(q, truth, k, self_ids, min_seconds=speed_seconds)
-    best = _search_candidates(cands, compare, emb, ev, target_recall, rng, trained_index, log)
+    out = Path(out_dir)
+
+    def add_all(index: faiss.Index, cand: Candidate) -> faiss.Index:
+        over = cand.index_bytes > budget  # only a forced key gets here over the budget
+        if over and not ondisk.plain_ivf(index):
+            log(f"{cand.key}: over the budget, but only plain IVF lists can go on disk; kept in memory")
+        plan = replace(fill_plan, on_disk=over and ondisk.plain_ivf(index))
+        return fill(index, cand, emb, out, plan, budget, log)
+
+    best = _search_candidates(cands, compare, emb, ev, target_recall, rng, trained_index, log, add_all)
     context = {"rejected": rejected, "budget": budget, "target": target_recall, "queries": q_note,
                "ground_truth_s": gt_s, "t_start": t_start, "rss_at_start": rss_at_start}  # fmt: skip
-    return _finish(emb, Path(out_dir), best, ev, context, log)
+    return _finish(emb, out, best, ev, context, log)
 
 
 def _read_trained(trained: str | Path | None, d: int) -> tuple[faiss.Index | None, str]:
@@ -305,10 +325,18 @@ def _read_trained(trained: str | Path | None, d: int) -> tuple[faiss.Index | Non
     return index, json.loads((folder / REPORT_FILE).read_text())["index_key"]
 
 
+def remove_leftovers(out: Path, data_file: str) -> None:
+    """Data files of older builds in ``out`` and work folders of interrupted partitioned ones."""
+    ondisk.remove_stale(out, data_file)
+    for work in out.glob(WORK_PREFIX + "*"):
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _finish(emb: EmbeddingSet, out: Path, best: dict, ev: Evaluator, ctx: dict, log) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cand, index = best["cand"], best["index"]
-    write_index(index, out / INDEX_FILE)
+    data_file = ondisk.data_file(index)  # "" when the lists are in memory
+    write_index(index, out / INDEX_FILE)  # the commit point: it names its data file
     if best["trained_bytes"]:
         with atomic_open(out / TRAINED_FILE) as f:
             f.write(best["trained_bytes"])
@@ -340,6 +368,7 @@ def _finish(emb: EmbeddingSet, out: Path, best: dict, ev: Evaluator, ctx: dict, 
         "batch_of_many": min(1000, len(ev.queries)),
         "threads": faiss.omp_get_max_threads(),
         "size_bytes": (out / INDEX_FILE).stat().st_size,
+        **({"ivfdata": data_file, "ivfdata_bytes": (out / data_file).stat().st_size} if data_file else {}),
         "estimated_bytes": cand.index_bytes,
         "estimated_build_peak_bytes": cand.build_peak_bytes,
         "process_peak_rss_bytes": rss_bytes("VmHWM"),
@@ -354,6 +383,7 @@ def _finish(emb: EmbeddingSet, out: Path, best: dict, ev: Evaluator, ctx: dict, 
         "trained_sha256": hashlib.sha256(best["trained_bytes"]).hexdigest() if best["trained_bytes"] else "",
     }
     write_json(out / REPORT_FILE, report)
+    remove_leftovers(out, data_file)
     if not best["reached"]:
         log(
             f"warning: no index within the budget reached recall@{ev.k} {ctx['target']}; kept {cand.key} at "

@@ -65,6 +65,38 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
         write_json(path, config)
 
 
+def check_options(modality: str, batch_size: int, dtype: str, on_error: str) -> None:
+    if modality not in ("image", "text") or dtype not in DTYPES or on_error not in ("skip", "raise"):
+        raise EmbedError(f"bad option: modality={modality!r}, dtype={dtype!r}, on_error={on_error!r}")
+    if batch_size < 1:
+        raise EmbedError(f"batch size must be >= 1, got {batch_size}")
+
+
+def start_export(
+    out: Path,
+    source: Source,
+    n_parts: int,
+    model_name: str,
+    model_overrides: list[str] | None,
+    modality: str,
+    dtype: str,
+    dim: int,
+) -> dict[str, Any]:
+    """Create ``out`` and write its ``embed_config.json`` (or check it against a resumed export's)."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model": model_name,
+        "model_overrides": list(model_overrides or []),
+        "modality": modality,
+        "dtype": dtype,
+        "dim": int(dim),
+        "inputs": source.describe(),
+        "n_parts": n_parts,
+    }
+    _check_config(out, config)
+    return config
+
+
 def embed_collection(
     model: Any,
     source: Source,
@@ -81,42 +113,42 @@ def embed_collection(
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], list[str]]:
     """Embed this rank's parts; returns (config, all part names) for ``store.finish``."""
-    if modality not in ("image", "text") or dtype not in DTYPES or on_error not in ("skip", "raise"):
-        raise EmbedError(f"bad option: modality={modality!r}, dtype={dtype!r}, on_error={on_error!r}")
-    if batch_size < 1:
-        raise EmbedError(f"batch size must be >= 1, got {batch_size}")
+    check_options(modality, batch_size, dtype, on_error)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     specs = source.parts()
     dim = embed_texts(model, ["probe"]).shape[1]
-    config = {
-        "model": model_name,
-        "model_overrides": list(model_overrides or []),
-        "modality": modality,
-        "dtype": dtype,
-        "dim": int(dim),
-        "inputs": source.describe(),
-        "n_parts": len(specs),
-    }
-    _check_config(out, config)
+    config = start_export(out, source, len(specs), model_name, model_overrides, modality, dtype, dim)
     names = [part_name(i) for i in range(len(specs))]
-    embedder = _PartEmbedder(model, source, modality, batch_size, on_error, dim)
+    embedder = PartEmbedder(model, source, modality, batch_size, on_error, dim)
     for i in range(rank, len(specs), world_size):
         if part_done(out, names[i]) is not None:
             log(f"part {i + 1}/{len(specs)} already done, skipped")
             continue
-        t0 = time.perf_counter()
-        vectors, meta, skipped = embedder.run(specs[i])
-        write_part(out, names[i], vectors.astype(DTYPES[dtype]), meta, skipped, time.perf_counter() - t0)
-        bad = f", skipped {sum(skipped.values())} ({dict(skipped)})" if skipped else ""
-        log(
-            f"part {i + 1}/{len(specs)} ({specs[i].shard}): {len(vectors)} rows{bad}, "
-            f"{time.perf_counter() - t0:.1f} s"
-        )
+        log(part_line(i, specs, embed_part(embedder, out, names[i], specs[i], dtype)))
     return config, names
 
 
-class _PartEmbedder:
+def embed_part(embedder: PartEmbedder, out: Path, name: str, spec: PartSpec, dtype: str) -> dict[str, Any]:
+    """Embed one part and write it (``store.write_part``: atomic, marker last); returns the marker."""
+    t0 = time.perf_counter()
+    vectors, meta, skipped = embedder.run(spec)
+    marker = {"rows": len(vectors), "skipped": skipped, "seconds": time.perf_counter() - t0}
+    write_part(out, name, vectors.astype(DTYPES[dtype]), meta, skipped, marker["seconds"])
+    return marker
+
+
+def part_line(i: int, specs: list[PartSpec], marker: dict[str, Any]) -> str:
+    """The log line of a written part."""
+    skipped = marker["skipped"]
+    bad = f", skipped {sum(skipped.values())} ({dict(skipped)})" if skipped else ""
+    return (
+        f"part {i + 1}/{len(specs)} ({specs[i].shard}): {marker['rows']} rows{bad}, {marker['seconds']:.1f} s"
+    )
+
+
+class PartEmbedder:
+    """Embeds one part (``run``) with a loaded model: every engine's unit of work."""
+
     def __init__(self, model: Any, source: Source, modality: str, batch_size: int, on_error: str, dim: int):
         self.model, self.source, self.modality = model, source, modality
         self.batch_size, self.on_error, self.dim = batch_size, on_error, dim

@@ -12,6 +12,11 @@ Each index family joins its own kind (``Family.join`` in ``clipkit.index.familie
   joined this way; that is refused.
 * Flat and HNSW: vectors are read back from each (exact for these) and added to a new index.
 
+Lists on disk (``clipkit.index.ondisk``): when any part keeps its lists on disk, or the parts
+together exceed ``memory`` (``--memory``), plain IVF lists are streamed into one new
+``index.<token>.ivfdata`` file beside the merged ``index.faiss``; the parts are mapped, not
+loaded. Re-ranked (``ivf_refine``), Flat and HNSW parts are always joined in memory.
+
 The search parameter kept is the largest of the parts' tuned values; recall is not
 re-measured (no exact vectors here): run ``clipkit index build`` on the joined embeddings
 for a tuned report.
@@ -24,12 +29,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipkit.data.atomic import atomic_open
-from clipkit.index.build import INDEX_FILE, META_FILE, REPORT_FILE, TRAINED_FILE, write_index
+from clipkit.index import ondisk
+from clipkit.index.build import (
+    INDEX_FILE,
+    META_FILE,
+    REPORT_FILE,
+    TRAINED_FILE,
+    remove_leftovers,
+    write_index,
+)
+from clipkit.index.choose import format_bytes, parse_memory
 from clipkit.index.families import MergeError, family
 from clipkit.index.search import SearchIndex
 from clipkit.index.store import write_json
@@ -52,8 +67,26 @@ def _check_compatible(parts: list[SearchIndex]) -> None:
             )
 
 
+def _join(parts: list[SearchIndex], out: Path, memory: str | int | None, log) -> faiss.Index:
+    first = parts[0]
+    files = [p.folder / INDEX_FILE for p in parts]
+    size = sum(p.report.get("size_bytes", 0) + p.report.get("ivfdata_bytes", 0) for p in parts)
+    over = memory is not None and size > parse_memory(memory)
+    if (over or any(p.report.get("ivfdata") for p in parts)) and ondisk.plain_ivf(first.index):
+        log(f"joining {len(parts)} parts ({format_bytes(size)}) with their lists on disk")
+        return ondisk.join_on_disk(files, ondisk.new_data_path(out))
+    if over:
+        log(
+            f"{first.report['index_key']}: over --memory, but only plain IVF lists can go on disk; joined in memory"
+        )
+    return family(first.family).join(files, first.report["index_key"], first.dim)
+
+
 def merge_indexes(
-    folders: list[str | Path], out_dir: str | Path, log: Callable[[str], None] = print
+    folders: list[str | Path],
+    out_dir: str | Path,
+    memory: str | int | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     if len(folders) < 2:
         raise MergeError("give at least two index folders to merge")
@@ -64,17 +97,16 @@ def merge_indexes(
     parts = [SearchIndex(f) for f in folders]
     _check_compatible(parts)
     first = parts[0]
-    index = family(first.family).join(
-        [p.folder / INDEX_FILE for p in parts], first.report["index_key"], first.dim
-    )
+    out.mkdir(parents=True, exist_ok=True)
+    index = _join(parts, out, memory, log)
+    data_file = ondisk.data_file(index)
     params: dict[str, int] = {}
     for p in parts:
         for name, value in p.report.get("search_params", {}).items():
             params[name] = max(params.get(name, 0), int(value))
     meta = pa.concat_tables([p.meta.drop_columns(["id"]) for p in parts])
     meta = meta.add_column(0, "id", pa.array(np.arange(meta.num_rows, dtype=np.int64)))
-    out.mkdir(parents=True, exist_ok=True)
-    write_index(index, out / INDEX_FILE)
+    write_index(index, out / INDEX_FILE)  # the commit point: it names its data file
     with atomic_open(out / META_FILE) as f:
         pq.write_table(meta, f)
     if (first.folder / TRAINED_FILE).is_file():
@@ -88,8 +120,10 @@ def merge_indexes(
         "part_recalls": [p.report.get(f"recall_at_{p.report.get('k')}") for p in parts],
         "note": "recall not re-measured after the merge; search params are the parts' maximum",
         "size_bytes": (out / INDEX_FILE).stat().st_size,
+        **({"ivfdata": data_file, "ivfdata_bytes": (out / data_file).stat().st_size} if data_file else {}),
         "merge_time_s": round(time.perf_counter() - t0, 2),
     }
     write_json(out / REPORT_FILE, report)
+    remove_leftovers(out, data_file)
     log(f"merged {len(parts)} indexes: {report['ntotal']} vectors -> {out}")
     return report

@@ -3,7 +3,9 @@
 Loading checks that the parts agree (index width and count against ``report.json``,
 ``metadata.parquet`` rows against the index), memory-maps the index file where FAISS can
 (``IO_FLAG_MMAP_IFC``: the codes of Flat, IVF and HNSW storage stay on disk, paged in on
-use), and applies the tuned search parameters. A query model of another width is refused
+use), and applies the tuned search parameters. An index whose lists are on disk (``report.json``
+names its ``ivfdata`` file) maps them read-only from the file beside ``index.faiss``, wherever
+the folder now is (``clipkit.index.ondisk``). A query model of another width is refused
 with a message naming both models.
 """
 
@@ -20,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipkit.errors import ClipkitError
+from clipkit.index import ondisk
 from clipkit.index.build import INDEX_FILE, META_FILE, REPORT_FILE
 from clipkit.index.families import IndexChoiceError, family, family_of, set_search_params
 
@@ -45,8 +48,14 @@ class SearchIndex:
                 "(write one with `clipkit index build`)"
             )
         self.report: dict[str, Any] = json.loads((self.folder / REPORT_FILE).read_text())
-        flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
-        self.index = faiss.read_index(str(self.folder / INDEX_FILE), flags)
+        if self.report.get("ivfdata"):  # lists in index.<token>.ivfdata: always mapped
+            try:
+                self.index = ondisk.open_index(self.folder / INDEX_FILE)
+            except (ondisk.OnDiskError, RuntimeError) as e:
+                raise SearchIndexError(f"{self.folder}: {e}") from None
+        else:
+            flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
+            self.index = faiss.read_index(str(self.folder / INDEX_FILE), flags)
         self.meta = pq.read_table(self.folder / META_FILE)
         self._check()
         set_search_params(self.index, self.report.get("search_params", {}))

@@ -9,7 +9,13 @@ indexing, data filtering and the demo all embed through this module.
 Speed without changing a number: a torchvision ``Compose`` that ends in ``ToTensor`` (+
 ``Normalize``) is split; loader workers run the PIL steps and hand over uint8 tensors, and
 the float conversion and normalisation run once per batch, with the same element-wise
-operations (bit-identical). Everything runs under ``torch.inference_mode``.
+operations (bit-identical). Everything runs under ``torch.inference_mode``. Without loader
+workers, a background thread reads, decodes and transforms the next batches while the model
+runs on the current one (PIL and torch release the GIL): the same batches in the same order.
+
+``image_inference`` lays a convolutional image side out channels-last for the pass (oneDNN's
+fast convolutions; the same fp32 arithmetic up to summation order, ~1e-6 relative) and, only
+when asked and only where the CPU or GPU does bf16 natively (``bf16_support``), autocasts to bf16.
 
 A locked image tower (LiT) gives the same outputs for every state of a run: ``tower_features``
 runs it once over a dataset and ``ProjectedModel`` presents any state of the model with those
@@ -18,8 +24,11 @@ runs it once over a dataset and ``ProjectedModel`` presents any state of the mod
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkit.models.inference import bulk_inference
+from clipkit.errors import ClipkitError
+from clipkit.models.inference import PRECISIONS, bulk_inference
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 matmul on x86
 
 
 def model_device(model: Any) -> torch.device:
@@ -146,14 +158,60 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def _put(q: queue.Queue, item: tuple[str, Any], stop: threading.Event) -> bool:
+    """Put ``item`` unless the consumer has gone (``stop``); False then."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def prefetched(batches: Iterable[Any], depth: int) -> Iterator[Any]:
+    """``batches`` in their order, produced ``depth`` ahead by a background thread; its errors
+    are raised here, and closing this generator early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not _put(q, ("batch", batch), stop):
+                    return
+            _put(q, ("end", None), stop)
+        except BaseException as err:  # noqa: BLE001 -- not swallowed: the consumer raises it
+            _put(q, ("error", err), stop)
+
+    thread = threading.Thread(target=produce, name="clipkit-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def image_batches(
-    model: Any, dataset: Iterable[dict[str, Any]], batch_size: int, num_workers: int = 0
+    model: Any,
+    dataset: Iterable[dict[str, Any]],
+    batch_size: int,
+    num_workers: int = 0,
+    prefetch: int = 2,
 ) -> Iterator[dict[str, Any]]:
     """Batches ``{"image" (B,3,H,W), "key", "order", "label"? (B,), "captions"?}`` of samples
     ``{"image": PIL, "key", "order"?, "label"?, "captions"?}``, in the model's eval transform.
 
     With ``num_workers`` > 0, batches come from the workers in turn (not file order);
-    ``"order"`` gives each sample's reading position.
+    ``"order"`` gives each sample's reading position. With none, a thread prepares up to
+    ``prefetch`` batches ahead (0: none), in reading order.
     """
     per_sample, per_batch = split_transform(model.image_transform(train=False))
     loader = torch.utils.data.DataLoader(
@@ -163,10 +221,86 @@ def image_batches(
         collate_fn=_collate,
         persistent_workers=False,
     )
-    for batch in loader:
+    batches = prefetched(loader, prefetch) if num_workers == 0 and prefetch > 0 else loader
+    for batch in batches:
         if per_batch is not None:
             batch["image"] = per_batch(batch["image"])
         yield batch
+
+
+# ----------------------------------------------------------------------------- layout, precision
+
+
+def image_module(model: Any) -> nn.Module | None:
+    """The modules that turn an image into its embedding (``EvalModel.image_side``, a
+    DualEncoder's ``vision``), or None when the model does not name them."""
+    side = getattr(model, "image_side", None)
+    if callable(side):
+        try:
+            return side()
+        except (ClipkitError, NotImplementedError):  # a factory model that is not an nn.Module
+            return None
+    vision = getattr(model, "vision", None)
+    return vision if isinstance(vision, nn.Module) else None
+
+
+def convolutional(module: nn.Module) -> bool:
+    """More than one Conv2d: a CNN. A ViT's only convolution is its patch embedding, where
+    channels-last buys nothing and would change its numbers for nothing."""
+    return sum(isinstance(m, nn.Conv2d) for m in module.modules()) > 1
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (first ``flags`` line of /proc/cpuinfo); empty where unreadable."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, arm64
+            return set(value.split())
+    return set()
+
+
+def bf16_support(device: str | torch.device = "cpu", flags: set[str] | None = None) -> str | None:
+    """Why ``device`` runs bf16 natively (e.g. ``"CPU flags avx512_bf16"``), or None when it
+    would only emulate it (slower than fp32). Detected, never assumed."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "GPU bf16" if torch.cuda.is_bf16_supported() else None
+    have = [f for f in BF16_FLAGS if f in (cpu_flags() if flags is None else flags)]
+    return f"CPU flags {', '.join(have)}" if have else None
+
+
+def check_precision(precision: str, device: str | torch.device = "cpu") -> None:
+    """Raise unless ``precision`` is known and, for bf16, native on ``device``."""
+    if precision not in PRECISIONS:
+        raise ClipkitError(
+            f"unknown inference precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+        )
+    if precision == "bf16" and bf16_support(device) is None:
+        raise ClipkitError(
+            f"bf16 asked for, but {device} has no native bf16 ({' / '.join(BF16_FLAGS)} on a CPU): it would "
+            "be emulated and slower than fp32. Run with --precision fp32"
+        )
+
+
+@contextmanager
+def image_inference(model: Any, precision: str = "fp32") -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """Within the block, ``prep(images)`` lays a (B, 3, H, W) batch out for the model's image side:
+    channels-last for a convolutional one (``clipkit.models.inference.bulk_inference``), as is
+    otherwise. ``precision="bf16"`` autocasts the block (text encoded in it too)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"inference precision must be one of {PRECISIONS}, got {precision!r}")
+    module = image_module(model)
+    if module is not None and convolutional(module):
+        with bulk_inference(module, precision) as prep:
+            yield prep
+        return
+    device = model_device(model)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        yield _identity
 
 
 # ----------------------------------------------------------------------------- pairs

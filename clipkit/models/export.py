@@ -2,7 +2,8 @@
 
 ``export_open_clip(spec, out)`` loads ``spec`` through ``clipkit.models.specs`` and writes::
 
-    <out>/open_clip_config.json      {"model_cfg": ..., "preprocess_cfg": ...} (open_clip's local-dir layout)
+    <out>/open_clip_config.json      {"model_cfg": ..., "preprocess_cfg": ..., "clipkit_export": ...}
+                                     (open_clip's local-dir layout; the last key: ``local_dir``)
     <out>/open_clip_model.safetensors the weights, in open_clip's parameter names
     <out>/<name>.json                the bare model config, for open_clip.add_model_config
     <out>/config.json, tokenizer*     an hf text tower's config and tokenizer (not its weights)
@@ -15,6 +16,12 @@ images and texts as the loaded model does. Load it with either of::
     open_clip.add_model_config("<out>/<name>.json")
     model, _, preprocess = open_clip.create_model_and_transforms(
         "<name>", pretrained="<out>/open_clip_model.safetensors", image_mean=..., image_std=...)
+
+The folder is relocatable: clipkit (``open_clip:local-dir:<copy>``) loads a copy anywhere. An
+hf text tower's config lies in the folder, and open_clip reads ``text_cfg.hf_model_name`` as a
+path from the current directory, so the config names the folder's absolute path; open_clip
+alone loads a moved copy after ``clipkit.models.local_dir.relink(<copy>)``, or with the
+``text_cfg`` keyword the folder's README.md shows (``clipkit.models.local_dir`` says why).
 
 By spec kind:
 
@@ -58,6 +65,7 @@ from torch import Tensor, nn
 
 from clipkit.data.atomic import atomic_write_bytes, atomic_write_text
 from clipkit.errors import ClipkitError
+from clipkit.models import local_dir
 from clipkit.models.adapters import EvalModel, HFClipModel, OpenClipModel
 from clipkit.models.specs import dual_encoder_of, load_model, safe_name, spec_kind
 
@@ -320,14 +328,44 @@ def export_open_clip(
     weights = {k: v.detach().contiguous().clone() for k, v in state.items()}
     atomic_write_bytes(out / "open_clip_model.safetensors", save(weights))
     atomic_write_text(out / f"{name}.json", json.dumps(model_cfg, indent=1))
+    # Which text_cfg keys name this folder itself: loaders set them to where it lies then.
+    keys = local_dir.folder_keys(model_cfg.get("text_cfg", {}), out)
     local = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
-    atomic_write_text(out / "open_clip_config.json", json.dumps(local, indent=1))
-    atomic_write_text(out / "README.md", _readme(out, name, preprocess, model.resolved))
+    local[local_dir.EXPORT_KEY] = {"name": name, "folder_keys": keys}
+    atomic_write_text(out / local_dir.CONFIG_FILE, json.dumps(local, indent=1))
+    atomic_write_text(
+        out / "README.md", _readme(out, name, preprocess, model.resolved, "hf_model_name" in keys)
+    )
     diff = _check_roundtrip(model, out, atol) if check else None
     return {"out": out, "name": name, "source": model.resolved, "max_abs_diff": diff, "tensors": len(weights)}
 
 
-def _readme(out: Path, name: str, pre: dict[str, Any], source: str) -> str:
+def _readme(out: Path, name: str, pre: dict[str, Any], source: str, hf_text: bool) -> str:
+    here = out.resolve()
+    moved = (
+        f"""
+## After copying or moving this folder
+
+The text tower is a Hugging Face model whose `config.json` lies in this folder. open_clip reads
+`text_cfg.hf_model_name` as a path from the current directory (never from the folder), so the
+config names `{here}`; a copy elsewhere needs one of:
+
+- clipkit, which finds it wherever the folder lies: `clipkit eval ... --model open_clip:local-dir:FOLDER`;
+- `python -c "from clipkit.models.local_dir import relink; relink('FOLDER')"` once: the JSON files then
+  name the new place, and everything above (and CLIP_benchmark) works again;
+- open_clip alone, editing nothing:
+
+```python
+import open_clip
+text_cfg = open_clip.get_model_config(f"local-dir:{{FOLDER}}")["text_cfg"]
+model, _, preprocess = open_clip.create_model_and_transforms(
+    f"local-dir:{{FOLDER}}", text_cfg={{**text_cfg, "hf_model_name": FOLDER, "hf_model_pretrained": False}})
+tokenizer = open_clip.get_tokenizer(f"local-dir:{{FOLDER}}")
+```
+"""
+        if hf_text
+        else "\nThe folder is self-contained: copy or move it anywhere and set FOLDER.\n"
+    )
     return f"""# {name}: a model as an open_clip model
 
 Exported by `clipkit export` from `{source}`.
@@ -335,20 +373,22 @@ Exported by `clipkit export` from `{source}`.
 ```python
 import open_clip
 
+FOLDER = "{here}"  # this folder (where it was written; set it if you moved the folder)
+
 # the whole folder (config, preprocessing and weights):
-model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out.resolve()}")
-tokenizer = open_clip.get_tokenizer("local-dir:{out.resolve()}")
+model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{{FOLDER}}")
+tokenizer = open_clip.get_tokenizer(f"local-dir:{{FOLDER}}")
 
 # or by name, with an explicit weights file:
-open_clip.add_model_config("{(out / f"{name}.json").resolve()}")
+open_clip.add_model_config(f"{{FOLDER}}/{name}.json")
 model, _, preprocess = open_clip.create_model_and_transforms(
-    "{name}", pretrained="{(out / "open_clip_model.safetensors").resolve()}",
+    "{name}", pretrained=f"{{FOLDER}}/open_clip_model.safetensors",
     image_mean={tuple(pre["mean"])}, image_std={tuple(pre["std"])},
     image_interpolation="{pre.get("interpolation", "bicubic")}")
 tokenizer = open_clip.get_tokenizer("{name}")
 ```
 
-CLIP_benchmark: `clip_benchmark eval --model {name} --pretrained {out / "open_clip_model.safetensors"} ...`
-after `open_clip.add_model_config(...)` in the same process; clipkit: `clipkit eval ... --model
-open_clip:local-dir:{out}`.
-"""
+CLIP_benchmark: `clip_benchmark eval --model {name} --pretrained FOLDER/open_clip_model.safetensors ...`
+after `open_clip.add_model_config("FOLDER/{name}.json")` in the same process; clipkit: `clipkit eval ...
+--model open_clip:local-dir:FOLDER`.
+{moved}"""

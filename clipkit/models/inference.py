@@ -12,17 +12,30 @@ without touching the tower used in training:
 
 The layout is restored when the block ends, so the module's state dict and later training
 see the usual contiguous tensors.
+
+``in_lanes`` runs independent batches side by side on a CPU: one thread per lane, each with
+one torch thread, instead of every op split across all threads. A small model's ops at
+batch 16-32 are too short to split well (each split ends in a barrier, and on a shared
+machine a descheduled thread stalls the others), and a small batch keeps a lane's
+activations in the CPU's caches (benchmarks/cache_fill.py measures the gain). Which kernel runs
+depends on the batch, not the thread count, so each batch's outputs are bit-identical to a
+one-lane run of it (tests/test_cache_fill.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 PRECISIONS = ("fp32", "bf16")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def has_conv2d(module: nn.Module) -> bool:
@@ -54,3 +67,51 @@ def bulk_inference(tower: nn.Module, precision: str = "fp32") -> Iterator[Callab
         if convs:
             with torch.inference_mode(False):
                 tower.to(memory_format=torch.contiguous_format)
+
+
+def cpu_lanes(device: torch.device | str) -> int:
+    """Lanes for bulk inference on ``device``: one per torch thread on a CPU, else 1."""
+    return max(1, torch.get_num_threads()) if torch.device(device).type == "cpu" else 1
+
+
+def in_lanes(
+    fn: Callable[[T], R], items: Iterable[T], lanes: int, precision: str = "fp32", device_type: str = "cpu"
+) -> Iterator[tuple[T, R]]:
+    """``(item, fn(item))`` for each of ``items``, in their order, with up to ``lanes`` calls at once.
+
+    Each call runs under ``torch.inference_mode`` (and bf16 autocast when asked): both are
+    per-thread states, so they are set in the lane itself. With ``lanes`` > 1 every lane uses
+    one torch thread (see the module docstring); the caller's thread count is restored after.
+    At most ``lanes`` items wait beyond the running ones, so a slow consumer bounds the memory.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"inference precision must be one of {PRECISIONS}, got {precision!r}")
+    bf16 = precision == "bf16"
+
+    def call(item: T, threads: int | None) -> R:
+        if threads is not None:
+            torch.set_num_threads(threads)  # OpenMP's count is per calling thread
+        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            return fn(item)
+
+    if lanes <= 1:
+        for item in items:
+            yield item, call(item, None)
+        return
+    before = torch.get_num_threads()
+    pending: deque[tuple[T, Future[R]]] = deque()
+    pool = ThreadPoolExecutor(lanes, thread_name_prefix="clipkit-lane")
+    try:
+        for item in items:
+            pending.append((item, pool.submit(call, item, 1)))
+            if len(pending) >= 2 * lanes:  # lanes running, as many queued
+                first, done = pending.popleft()
+                yield first, done.result()
+        while pending:
+            first, done = pending.popleft()
+            yield first, done.result()
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
+        torch.set_num_threads(before)

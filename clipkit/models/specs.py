@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from clipkit.errors import ClipkitError
+from clipkit.models import local_dir
 from clipkit.models.adapters import (
     METHODS,
     ClipkitModel,
@@ -255,16 +256,23 @@ def _open_clip_name(config: str) -> str:
 def _model_cfg(name: str) -> dict[str, Any]:
     import open_clip
 
-    if name.startswith("local-dir:"):
-        local = Path(name.removeprefix("local-dir:")) / "open_clip_config.json"
-        return json.loads(local.read_text(encoding="utf-8"))["model_cfg"]
+    if name.startswith("local-dir:"):  # an export's own-folder paths set to where it lies now
+        return local_dir.model_cfg(local_dir.folder_of(name))
     return open_clip.get_model_config(name) or {}
 
 
 def _check_offline(name: str, model_cfg: dict[str, Any]) -> None:
-    if name.startswith("local-dir:"):  # open_clip resolves its hf names against the folder
-        return
     text = model_cfg.get("text_cfg", {})
+    if name.startswith("local-dir:"):  # open_clip reads the tokenizer from the folder, not the text model
+        ref = text.get("hf_model_name")
+        if ref and not (Path(ref) / "config.json").is_file():
+            raise ModelSpecError(
+                f"open_clip:{name}: text_cfg.hf_model_name '{ref}' in its open_clip_config.json is not a "
+                "folder with a config.json (an export from before clipkit marked its folder paths, since "
+                "moved?); nothing is downloaded: export it again, or set hf_model_name to the folder that "
+                "holds the text model's config.json"
+            )
+        return
     for key in ("hf_model_name", "hf_tokenizer_name"):
         ref = text.get(key)
         if ref and not Path(ref).is_dir():
@@ -310,7 +318,11 @@ def load_open_clip(spec: str, overrides: list[str]) -> EvalModel:
     try:
         # No tower-level hub or package weights: a spec without @weights is a random model.
         clip, _, transform = open_clip.create_model_and_transforms(
-            name, pretrained=weights or None, pretrained_image=False, pretrained_text=False
+            name,
+            pretrained=weights or None,
+            pretrained_image=False,
+            pretrained_text=False,
+            **local_dir.open_clip_kwargs(name),  # a moved export: its text model config where it is now
         )
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         if weights or name.startswith("local-dir:"):

@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from clipkit.config import TowerConfig
+from clipkit.models.text_padding import trim_right_padding
 from clipkit.models.tower_base import (
     TOWERS,
     Tower,
@@ -111,7 +112,9 @@ class HFTower(Tower):
         self._fingerprint_extra = f"L={cfg.context_length}|mean-pool|pad={self.pad_token_id}"
 
     def forward(self, tokens: Tensor) -> Tensor:
-        mask = tokens != self.pad_token_id  # (B, L) true on real tokens
+        # Columns that are padding in every row change nothing (masked keys, dropped from the mean).
+        tokens = trim_right_padding(tokens, self.pad_token_id)  # (B, L') L' = longest caption
+        mask = tokens != self.pad_token_id  # (B, L') true on real tokens
         hidden = self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state  # (B, L, H)
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, H)

@@ -28,6 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from clipkit.config import TowerConfig
 from clipkit.data.augment import augmented_transform
+from clipkit.models.local_dir import open_clip_kwargs
+from clipkit.models.text_padding import CausalText, causal_text_forward, causal_text_spec
 from clipkit.models.tower_base import (
     TOWERS,
     NoSplit,
@@ -144,6 +146,7 @@ def create_open_clip(
         force_context_length=context_length,
         pretrained_image=False,
         pretrained_text=False,
+        **open_clip_kwargs(name, context_length),  # a moved export: its text model config where it is now
     )
     if weights and not local:
         if not Path(weights).is_file():
@@ -173,7 +176,8 @@ def _shared_model(
 
 
 class ClipText(nn.Module):
-    """The text half of an open_clip ``CLIP``; ``forward`` is ``CLIP.encode_text`` (unnormalised)."""
+    """The text half of an open_clip ``CLIP``; ``forward`` is ``CLIP.encode_text`` (unnormalised),
+    cut to the batch's longest caption when the mask is causal (``clipkit.models.text_padding``)."""
 
     def __init__(self, clip: nn.Module):
         super().__init__()
@@ -185,8 +189,11 @@ class ClipText(nn.Module):
         self.text_pool_type = clip.text_pool_type
         self.text_eos_id = getattr(clip, "text_eos_id", None)
         self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.causal = causal_text_spec(self)  # None: every column matters (bidirectional, last-token pool)
 
     def forward(self, text: Tensor) -> Tensor:
+        if self.causal is not None:
+            return causal_text_forward(self, text, self.causal)
         # Same operations, in the same order, as open_clip.model.CLIP.encode_text.
         cast_dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(text).to(cast_dtype)  # (B, L, width)
@@ -216,6 +223,7 @@ class OpenClipTower(Tower):
     def __init__(self, arch: str, cfg: TowerConfig, modality: str, shared: dict[str, Any] | None = None):
         super().__init__(f"open_clip:{arch}", modality)
         clip, name, model_cfg = _shared_model(arch, cfg, modality, shared)
+        self.causal_text: CausalText | None = None
         self.out_dim = int(model_cfg["embed_dim"])
         if modality == "vision":
             self.model = clip.visual
@@ -225,6 +233,8 @@ class OpenClipTower(Tower):
             self._fingerprint_extra = f"preprocess={sorted(self.preprocess.items())}"
         else:
             self.model = clip.text if hasattr(clip, "text") else ClipText(clip)
+            # open_clip's TextTransformer (custom-text configs): its forward, cut to the longest caption
+            self.causal_text = causal_text_spec(self.model) if hasattr(clip, "text") else None
             # An HF text model reports its maximum positions; the tokenizer pads to the config's length.
             hf_text = type(self.model).__name__ == "HFTextEncoder"
             own = clip.context_length if hasattr(clip, "context_length") and not hf_text else None
@@ -233,6 +243,8 @@ class OpenClipTower(Tower):
             self._fingerprint_extra = f"L={context_length}|{type(self.tokenizer).__name__}"
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.causal_text is not None:  # tokens (B, L), up to the last pooled one
+            return causal_text_forward(self.model, x, self.causal_text)
         return self.model(x)  # images (B, 3, H, W) or tokens (B, L) -> (B, embed_dim)
 
     def transform(self, train: bool) -> Any:

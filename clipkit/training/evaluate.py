@@ -170,6 +170,10 @@ class LiveModel(nn.Module):
     def tokenize(self, texts: list[str]) -> Tensor:
         return self.model.tokenize(texts)
 
+    def image_side(self) -> nn.Module:
+        """What ``image_inference`` lays out, as for ``clipkit eval``'s model (none for features)."""
+        return nn.ModuleList([] if self.image_features else [self.model.vision, self.model.vision_proj])
+
     def encode_image(self, image: Tensor, normalize: bool = True) -> Tensor:
         if self.image_features:
             return self.model.encode_image(image_features=image, normalize=normalize)
@@ -231,13 +235,13 @@ def feature_set(
 ) -> FeatureSet:
     """The vision tower's outputs for this rank's share of ``dataset``, in the batches of a plain
     pass (so the numbers are those of ``encode_image(image=...)``), kept on the CPU."""
-    from clipkit.models.embed import eval_mode, image_batches, model_device
+    from clipkit.models.embed import eval_mode, image_batches, image_inference, model_device
 
     source = dataset.shard(ranks.rank, ranks.world) if ranks.world > 1 else dataset
     device, samples = model_device(model), []
-    with eval_mode(model):
+    with eval_mode(model), image_inference(model) as prep:  # the layout of clipkit eval's pass
         for batch in image_batches(model, source, batch_size, workers):
-            feats = model.tower_features(batch["image"].to(device)).cpu()  # (B, F)
+            feats = model.tower_features(prep(batch["image"]).to(device)).cpu()  # (B, F)
             for i, key in enumerate(batch["key"]):
                 sample = {"image": feats[i].clone(), "key": key, "order": batch["order"][i]}  # own storage
                 if "label" in batch:

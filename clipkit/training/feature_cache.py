@@ -26,6 +26,12 @@ beside the shards::
   digits (relative error <= 2**-11), far below the noise of training a projection on them,
   while halving disk and page-cache use. A part whose values overflow fp16 (|x| > 65504) is
   stored as float32 instead (its dtype is in ``keys.json``). ``get`` always returns float32.
+- Filling: the data pipeline decodes (in its workers) while the tower runs in lanes, on a CPU
+  one single-threaded pass per torch thread on ``LANE_ROWS`` images at a time
+  (``clipkit.models.inference.in_lanes``) instead of one pass split over all threads; captions
+  are not tokenized. A key's features do not depend on the lanes (``LANE_ROWS``), so caches
+  filled before lanes stay valid under the same fingerprint. A bf16 fill reports whether the
+  CPU computes in bf16 or only emulates it (``clipkit.models.embed.bf16_support``).
 - Writes are atomic and ordered: a part file first, then ``keys.json`` naming it. A build is
   saved every ``FLUSH_ROWS`` new rows, so a killed build keeps what it had saved. If the shard
   folder is read-only the cache goes to ``<run_dir>/feature_cache/<fingerprint>/`` (seeded from
@@ -38,7 +44,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,12 +59,17 @@ from clipkit.data.augment import ViewStack, views_fingerprint
 from clipkit.data.tario import iter_samples
 from clipkit.data.urls import expand_urls, is_local
 from clipkit.errors import ClipkitError
-from clipkit.models.inference import bulk_inference
+from clipkit.models.embed import bf16_support
+from clipkit.models.inference import bulk_inference, cpu_lanes, in_lanes
 from clipkit.training.stream import split_inputs
 
 CACHE_DIRNAME = "_clipkit_cache"
 FP16_MAX = float(np.finfo(np.float16).max)
-BUILD_BATCH = 64
+BUILD_BATCH = 64  # tensors per forward with one lane (a GPU, or one torch thread)
+# Tensors per forward in each CPU lane. Small batches keep a lane's activations in the CPU's
+# caches; >= 16 keeps oneDNN on its batch kernels, whose per-image outputs do not depend on the
+# batch size: a key's features equal those of a BUILD_BATCH pass bit for bit (test_cache_fill.py).
+LANE_ROWS = 32
 FLUSH_ROWS = 50_000  # new rows computed between two saves of the cache
 
 
@@ -227,6 +238,49 @@ def cache_fingerprint(tower: Any, precision: str = "fp32", views: int = 1, base:
     return name + (f"-{views_fingerprint(tower.augmentation, views)}" if views > 1 else "")
 
 
+def _no_text(texts: list[str]) -> torch.Tensor:
+    """The fill's tokenizer: captions are not needed, so none are tokenized. (B, 0)."""
+    return torch.zeros((len(texts), 0), dtype=torch.long)
+
+
+def _image_batches(
+    job: CacheJob, data_cfg: DataConfig, shards: list[Path], wanted: set[str], rows: int
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(keys, images) of the ``wanted`` keys in ``shards``, read in order by the data pipeline
+    (decoded in its workers, or here while the lanes run): images (b, 3, H, W) or, with views,
+    (b, views, 3, H, W). Every batch holds ``rows // views`` images (at least 1), but the last,
+    which takes the remainder too (< 2x that): no small tail batch runs on other kernels."""
+    from clipkit.data import build_loader
+
+    per_batch = max(1, rows // max(1, job.views))
+    cfg = dataclasses.replace(data_cfg, batch_size=per_batch, shuffle_buffer=0)
+    loader = build_loader(
+        cfg, "::".join(str(s) for s in shards), job.transform(), _no_text,
+        train=False, seed=0, rank=0, world_size=1,
+    )  # fmt: skip
+    picked: set[str] = set()
+    keys: list[str] = []
+    images: list[torch.Tensor] = []  # picked rows of the batches read, not yet handed out
+    for batch in loader:  # workers' batches come in turn, some short (a worker's last)
+        inputs, meta = split_inputs(batch)  # the keys find the rows; only images reach the tower
+        pick = [i for i, k in enumerate(meta.keys) if k in wanted and k not in picked]
+        picked.update(meta.keys[i] for i in pick)
+        keys += [meta.keys[i] for i in pick]
+        images += list(inputs["image"][pick])
+        while len(keys) >= 2 * per_batch:
+            yield keys[:per_batch], torch.stack(images[:per_batch])
+            keys, images = keys[per_batch:], images[per_batch:]
+    if keys:
+        yield keys, torch.stack(images)
+
+
+def fill_plan(device: torch.device, lanes: int | None = None) -> tuple[int, int]:
+    """(lanes, tensors per forward) of a fill on ``device``: on a CPU one lane per torch thread
+    (``clipkit.models.inference.in_lanes``) at ``LANE_ROWS``; elsewhere one at ``BUILD_BATCH``."""
+    cpu = device.type == "cpu"
+    return (cpu_lanes(device) if lanes is None else max(1, lanes)), (LANE_ROWS if cpu else BUILD_BATCH)
+
+
 def _compute(
     job: CacheJob,
     data_cfg: DataConfig,
@@ -234,43 +288,44 @@ def _compute(
     wanted: set[str],
     device: torch.device,
     bar: tqdm,
+    lanes: int | None = None,
+    rows: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """``job.encode`` of the ``wanted`` keys' views, reading ``shards`` in order with the data pipeline."""
-    from clipkit.data import build_loader
+    """``job.encode`` of the ``wanted`` keys' views, float32, reading ``shards`` in order.
 
+    Batches of about ``rows`` tensors run in ``lanes`` (defaults: ``fill_plan``) while the next
+    ones are decoded; a key's row does not depend on the lanes (see ``LANE_ROWS``)."""
     model, views = job.model, max(1, job.views)
-    cfg = dataclasses.replace(data_cfg, batch_size=max(1, BUILD_BATCH // views), shuffle_buffer=0)
-    loader = build_loader(
-        cfg,
-        "::".join(str(s) for s in shards),
-        job.transform(),
-        model.tokenize,
-        train=False,
-        seed=0,
-        rank=0,
-        world_size=1,
-    )
+    lanes, planned = fill_plan(device, lanes)
+    rows = rows or planned
+    batches = _image_batches(job, data_cfg, shards, wanted, rows)
     found: dict[str, np.ndarray] = {}
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), bulk_inference(model.vision, job.precision) as prep:
-            for batch in loader:
-                inputs, meta = split_inputs(batch)  # the keys find the rows; only images reach the tower
-                pick = [i for i, k in enumerate(meta.keys) if k in wanted and k not in found]
-                if not pick:
-                    continue
-                images = inputs["image"][pick]  # (b, 3, H, W) or, with views, (b, views, 3, H, W)
+        with bulk_inference(model.vision, job.precision) as prep:
+
+            def encode(item: tuple[list[str], torch.Tensor]) -> np.ndarray:
+                images = item[1]  # (b, 3, H, W) or (b, views, 3, H, W)
                 flat = images.reshape(-1, *images.shape[-3:])  # (b * views, 3, H, W)
                 flat = flat.to(device, non_blocking=True)
-                out = job.encode(prep(flat)).float().cpu().numpy()  # (b * views, *shape)
-                rows = out.reshape(len(pick), views, *out.shape[1:]) if views > 1 else out
-                for row, i in enumerate(pick):
-                    found[meta.keys[i]] = rows[row]
-                bar.update(len(pick))
+                return job.encode(prep(flat)).float().cpu().numpy()  # (b * views, *shape)
+
+            for (keys, _), out in in_lanes(encode, batches, lanes, job.precision, device.type):
+                rows_of = out.reshape(len(keys), views, *out.shape[1:]) if views > 1 else out
+                found.update(zip(keys, rows_of))
+                bar.update(len(keys))
     finally:
         model.train(was_training)
     return found
+
+
+def precision_note(precision: str, device: torch.device | str) -> str:
+    """How a bf16 fill ran, for its report: detected, never assumed (``bf16_support``)."""
+    native = bf16_support(device)
+    if native:
+        return f"{precision} autocast ({native})"
+    return f"{precision} autocast emulated: {torch.device(device).type} has no native bf16, slower than fp32"
 
 
 def _chunks(
@@ -337,8 +392,10 @@ def build_cache(
     run_dir: str | Path,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    lanes: int | None = None,
 ) -> tuple[FeatureCache, str]:
-    """Cache ``job`` for every sample of ``urls`` (``build_feature_cache``'s work for any job)."""
+    """Cache ``job`` for every sample of ``urls`` (``build_feature_cache``'s work for any job);
+    ``lanes``: batches run at once (default ``fill_plan``: one per torch thread on a CPU)."""
     shards = shard_paths(urls)
     read_from, write_to, note = cache_folders(shards, job.fingerprint, Path(run_dir))
     old = FeatureCache(write_to if (write_to / "keys.json").is_file() else read_from)
@@ -354,12 +411,13 @@ def build_cache(
         augmentation = dataclasses.asdict(job.model.vision.augmentation)
         meta.update(views=job.views, augmentation=augmentation)
     write_to.mkdir(parents=True, exist_ok=True)
+    lanes = fill_plan(torch.device(device), lanes)[0]
     reused, computed, t0 = len(old), 0, time.perf_counter()
     bar = tqdm(total=len(missing), desc="feature cache", unit="img", disable=not progress, dynamic_ncols=True)
     with bar:
         rows = max(1, FLUSH_ROWS // max(1, job.views))  # images per save (each holds its views)
         for group in _chunks(todo, per_shard, missing, rows):  # saved after each: a kill loses one group
-            new = _compute(job, data_cfg, group, missing, torch.device(device), bar)
+            new = _compute(job, data_cfg, group, missing, torch.device(device), bar, lanes)
             group_keys = {k for shard in group for k in per_shard[shard] if k in missing}
             old = _append(write_to, old, new, old.absent | (group_keys - set(new)), meta)
             computed += len(new)
@@ -368,6 +426,8 @@ def build_cache(
         f"{len(old)} samples cached in {write_to}: {computed} computed now "
         f"({computed / max(took, 1e-9):.0f} img/s"
         + (f", {job.views} views each" if job.views > 1 else "")
+        + (f", {lanes} lanes" if lanes > 1 else "")
+        + (f", {precision_note(job.precision, device)}" if job.precision != "fp32" else "")
         + f"), {reused} reused"
         + (f", {len(old.absent)} unreadable" if old.absent else "")
         + (f"; {note}" if note else "")

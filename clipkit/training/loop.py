@@ -62,6 +62,7 @@ from clipkit.training.precision import (
     MIXED_PRECISION,
     optimizer_step,
     precision_problems,
+    resolve_precision,
     scaler_kwargs_handlers,
     with_cpu_scaler,
 )
@@ -229,7 +230,7 @@ def make_stream(cfg: Config, model: nn.Module, acc: Accelerator, cache: FeatureC
 
 
 def setup(cfg: Config) -> Run:
-    cfg = resolve_run_config(cfg)  # model.init -> the towers and heads it fixes (in config.yaml too)
+    cfg = resolve_precision(resolve_run_config(cfg))  # model.init -> towers and heads; precision=auto
     check_train_config(cfg)
     evaluation = plan_evaluation(cfg)  # opens the eval datasets, checks train.keep_best: before any work
     check_trackers(cfg.train)  # tracker names known, packages installed: before any work
@@ -251,7 +252,7 @@ def setup(cfg: Config) -> Run:
     if hasattr(loss_fn, "attach"):  # a loss that needs the model (albef_md's EMA copy, a teacher's checks)
         loss_fn.attach(model)
     seed_everything(cfg.train.seed + acc.process_index, cfg.train.deterministic)  # per-rank dropout etc.
-    optimizer = build_optimizer(model, cfg.model, cfg.optim, extra=loss_fn)
+    optimizer = build_optimizer(model, cfg.model, cfg.optim, loss_fn, scaler=cfg.train.precision == "fp16")
     budget, per_step, total_steps = budget_and_steps(cfg, acc.num_processes)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     if acc.is_main_process:

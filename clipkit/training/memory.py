@@ -102,8 +102,12 @@ def _autocast(precision: str, device: torch.device):
 
 
 def synthetic_batch(model: nn.Module, cfg: Config, n: int, cached: bool, device: torch.device) -> dict:
-    """A batch of ``n`` random images (or cached-feature rows) and tokenized captions."""
-    text = model.tokenize(["a small red cat sitting on a wooden table"] * n).to(device)
+    """A batch of ``n`` random images (or cached-feature rows) and tokenized captions.
+
+    The captions fill the context: text towers run on the batch's longest caption
+    (``clipkit.models.text_padding``), so the peak is that of a batch with one full-length caption.
+    """
+    text = model.tokenize([" ".join(["cat"] * 512)] * n).to(device)  # truncated to the context
     batch: dict[str, Any] = {"text": text, "idx": torch.arange(n, device=device)}  # model inputs only
     if cached:
         batch["image_features"] = torch.randn(n, model.vision.out_dim, device=device)

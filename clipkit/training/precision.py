@@ -3,6 +3,8 @@
     fp32  no autocast
     bf16  the model's forward under ``torch.autocast(dtype=bfloat16)`` (accelerate), CPU and GPU;
           no scaler: bf16 has fp32's exponent range, so gradients do not underflow
+    auto  bf16 where the hardware computes in it (a GPU with bf16; a CPU with AVX512-BF16 or
+          AMX-BF16), else fp32: detected, printed at the start of the run, never assumed
     fp16  the forward under ``torch.autocast(dtype=float16)`` and a gradient scaler: the loss is
           multiplied by the scale before the backward, gradients are unscaled before clipping;
           a step whose gradients overflow (inf / NaN) is skipped by the scaler, which halves its
@@ -24,14 +26,17 @@ unscaled, lowering the scale cannot help, and the step counts as bad.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-from clipkit.config import TrainConfig
+from clipkit.config import Config, TrainConfig
 
 # train.precision -> accelerate's mixed_precision.
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -44,8 +49,56 @@ SCALER_KWARGS: dict[str, Any] = {}
 MIN_SCALE = 1.0
 
 
+# CPU flags (/proc/cpuinfo) of instructions that compute in bf16; without them bf16 autocast on a
+# CPU converts to fp32 and back around every matrix product, and is slower than fp32.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (Linux); empty where the file does not exist."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return set()
+    return {
+        flag
+        for line in text.splitlines()
+        if line.startswith("flags")
+        for flag in line.split(":", 1)[1].split()
+    }
+
+
+def auto_precision(flags: set[str] | None = None) -> tuple[str, str]:
+    """(precision, reason) for ``train.precision=auto``: bf16 where the hardware computes in it."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"GPU {name} supports bf16"
+        return "fp32", f"GPU {name} has no bf16"
+    flags = cpu_flags() if flags is None else flags
+    have = [f for f in CPU_BF16_FLAGS if f in flags]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if have:
+        return "bf16", f"CPU has {'+'.join(have)} (torch CPU capability {capability})"
+    return "fp32", f"CPU has none of {', '.join(CPU_BF16_FLAGS)} (torch CPU capability {capability})"
+
+
+def resolve_precision(cfg: Config) -> Config:
+    """``cfg`` with ``train.precision=auto`` replaced by what ``auto_precision`` picks (printed once,
+    by rank 0); any other value is returned as it is."""
+    if cfg.train.precision != "auto":
+        return cfg
+    precision, reason = auto_precision()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"train.precision=auto -> {precision}: {reason}", flush=True)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+
+
 def precision_problems(t: TrainConfig) -> list[str]:
-    """What is wrong with ``train.precision`` on this machine (empty: nothing)."""
+    """What is wrong with ``train.precision`` on this machine (empty: nothing; ``auto`` is resolved
+    by ``resolve_precision`` before a run starts)."""
+    if t.precision == "auto":
+        return []
     if t.precision not in MIXED_PRECISION:
         return [f"train.precision must be one of {', '.join(MIXED_PRECISION)}, got {t.precision!r}"]
     if t.precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():

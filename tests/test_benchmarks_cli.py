@@ -1,0 +1,241 @@
+"""Benchmarks a skeptic accepts (#15): every benchmark takes ``--record`` and writes nothing that git
+tracks without it, every printed target is a verdict, and a missed one is a non-zero exit.
+
+Nothing here runs a benchmark: the scripts are imported (their parsers and verdict functions are
+checked), and ``benchmarks/_record.py``, the one place that writes reports, is tested against a
+throwaway git repository.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+SCRIPTS = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+LEGACY_FLAGS = ("--append", "--no-record", "--results", "--md", "--rebuild-autofaiss")
+
+
+def load(path: Path):
+    """Import a benchmark file as a module (its sibling helpers importable, as when it runs)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def record():
+    return load(BENCH / "_record.py")
+
+
+@pytest.fixture
+def git_repo(tmp_path, record, monkeypatch):
+    """A git checkout with one tracked report and an ignored ``runs/``; ``_record`` pointed at it."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".gitignore").write_text("runs/\n")
+    (repo / "RESULTS.md").write_text("# results\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    monkeypatch.setattr(record, "ROOT", repo)
+    monkeypatch.setattr(record, "RUNS", repo / "runs" / "bench")
+    return repo
+
+
+def test_the_benchmarks_are_all_covered():
+    names = {p.name for p in SCRIPTS}
+    expected = {"chaos.py", "eval_parity.py", "feature_cache_speedup.py", "index_vs_autofaiss.py",
+                "loader_throughput.py", "loss_memory.py", "objectives.py", "scaling.py", "train_throughput.py"}  # fmt: skip
+    assert expected <= names, expected - names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_benchmark_takes_record_and_defaults_to_not_recording(script):
+    parser = load(script).build_parser()
+    flags = {s: a for a in parser._actions for s in a.option_strings}
+    assert "--record" in flags, f"{script.name} has no --record"
+    assert flags["--record"].default is False and flags["--record"].nargs == 0  # a store_true switch
+    assert not set(LEGACY_FLAGS) & set(flags), f"{script.name} keeps a legacy writing flag"
+    assert parser.parse_args([]).record is False
+    assert parser.parse_args(["--record"]).record is True
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, *sorted(BENCH.glob("_*.py"))], ids=lambda p: p.name)
+def test_only_the_record_helper_names_results_md(script):
+    """RESULTS.md is reached only through ``_record`` (whose writes are guarded): no other file
+    builds its path, so none can append to it behind ``--record``'s back."""
+    if script.name == "_record.py":
+        return
+    tree = ast.parse(script.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    named = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value == "RESULTS.md" and id(node) not in docstrings
+    ]
+    assert not named, f"{script.name} builds the RESULTS.md path itself (lines {named}); use _record"
+
+
+# --------------------------------------------------------------------------- _record: writes
+
+
+def test_writes_into_a_tracked_file_need_record(record, git_repo):
+    tracked = git_repo / "RESULTS.md"
+    with pytest.raises(record.TrackedFileError, match="--record"):
+        record.write_text(tracked, "overwritten\n")
+    with pytest.raises(record.TrackedFileError):
+        record.append_text(tracked, "appended\n")
+    with pytest.raises(record.TrackedFileError):  # not tracked yet, but a commit would pick it up
+        record.write_text(git_repo / "new_table.md", "x\n")
+    with pytest.raises(record.TrackedFileError):
+        record.output_dir(git_repo / "scratch")
+    assert tracked.read_text() == "# results\n"
+    assert not (git_repo / "new_table.md").exists() and not (git_repo / "scratch").exists()
+    record.append_text(tracked, "appended\n", record=True)
+    assert tracked.read_text() == "# results\nappended\n"
+
+
+def test_ignored_and_outside_paths_are_free(record, git_repo, tmp_path):
+    record.write_text(git_repo / "runs" / "bench" / "x" / "report.md", "a\n")
+    assert (git_repo / "runs" / "bench" / "x" / "report.md").read_text() == "a\n"
+    outside = tmp_path / "elsewhere" / "r.md"
+    record.append_text(outside, "1\n")
+    record.append_text(outside, "2\n")
+    assert outside.read_text() == "1\n2\n"
+    assert not list(outside.parent.glob(".*.tmp"))  # the atomic write leaves no temporary file
+
+
+def test_save_report_records_only_when_asked(record, git_repo):
+    results = git_repo / "RESULTS.md"
+    [kept] = record.save_report("demo", "## a run\n", record=False, results=results)
+    assert kept.parent == git_repo / "runs" / "bench" / "demo" and kept.read_text() == "## a run\n"
+    assert results.read_text() == "# results\n"
+    written = record.save_report("demo", "## a run\n", record=True, results=results)
+    assert results in written and results.read_text() == "# results\n\n## a run\n"
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def test_a_missed_target_is_a_non_zero_exit(record):
+    targets = record.Targets()
+    assert targets.exit_code() == 0 and targets.summary() == "no targets checked"
+    assert targets.check("ratio <= 0.8", True, "0.71") == "target ratio <= 0.8: met (0.71)"
+    assert targets.exit_code() == 0 and targets.summary() == "all 1 targets met"
+    assert "NOT met" in targets.check("q/s >= 3x", False, "2.1x")
+    assert targets.exit_code() == 1 and "q/s >= 3x" in targets.summary()
+
+
+def test_a_target_not_measured_in_the_run_is_not_met(record):
+    targets = record.Targets()
+    line = targets.not_measured("build <= 1/5", "against a cached build")
+    assert "not measured in the same run" in line
+    assert targets.exit_code() == 1
+
+
+def _index_measurement(qps_ratio: float) -> dict:
+    clip = {
+        "recall": 0.956,
+        "qps1": 3000.0 * qps_ratio,
+        "qps1000": 9000.0 * qps_ratio,
+        "params": {"nprobe": 4},
+    }
+    equal = {"recall": 0.957, "qps1": 3000.0, "qps1000": 9000.0, "params": "nprobe=3", "reached": True}
+    pick = {"recall": 0.99, "qps1": 100.0, "qps1000": 300.0, "params": "nprobe=64"}
+    return {"autofaiss": pick, "autofaiss_equal": equal, "clipkit": clip}
+
+
+@pytest.mark.parametrize(
+    "cached, build_ratio, qps_ratio, code",
+    [(False, 0.1, 4.0, 0), (False, 0.3, 4.0, 1), (False, 0.1, 2.0, 1), (True, 0.1, 4.0, 1)],
+)
+def test_index_benchmark_verdicts(record, cached, build_ratio, qps_ratio, code):
+    bench = load(BENCH / "index_vs_autofaiss.py")
+    targets = bench._record.Targets()
+    auto = {"build_s": 100.0, "cached": cached, "built": "2026-01-01 00:00"}
+    lines = bench.verdicts(
+        "synthetic", auto, {"build_s": 100.0 * build_ratio}, _index_measurement(qps_ratio), targets
+    )
+    assert targets.exit_code() == code
+    build = next(line for line in lines if "build time" in line)
+    assert ("not measured in the same run" in build) == cached
+
+
+def test_autofaiss_is_tuned_to_the_smallest_nprobe_reaching_clipkits_recall():
+    bench = load(BENCH / "index_vs_autofaiss.py")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    q = rng.standard_normal((100, 16)).astype(np.float32)
+    index = faiss.index_factory(16, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    recall = lambda p: bench._recall(index, f"nprobe={p}", q, truth)
+    target = recall(12)
+    setting, got, reached = bench.tune_to_recall(index, q, truth, "nprobe=64", target)
+    nprobe = int(setting.split("=")[1])
+    assert reached and got >= target and nprobe <= 12
+    assert recall(nprobe - 1) < target  # one probe fewer falls short: the cheapest equal-recall setting
+    setting, _, reached = bench.tune_to_recall(index, q, truth, "nprobe=8", 1.01)
+    assert not reached and setting == "nprobe=64"  # unreachable: compared at its highest setting
+
+
+def test_train_throughput_verdicts_use_the_issue_targets():
+    load(BENCH / "train_throughput.py")  # puts the helpers on sys.path
+    from _record import Targets
+    from _throughput_common import Result
+    from _throughput_report import TARGETS, verdicts
+
+    assert TARGETS["small"] == 1.5
+    results = [
+        Result("small", "openclip", samples=1000, wall_s=10.0),
+        Result("small", "clipkit", samples=1000, wall_s=8.0),
+    ]
+    targets = Targets()
+    [line] = verdicts(results, targets)
+    assert "NOT met" in line and targets.exit_code() == 1  # 1.25x < 1.5x
+    results[1].wall_s = 6.0
+    targets = Targets()
+    verdicts(results, targets)
+    assert targets.exit_code() == 0  # 1.67x
+
+
+def test_eval_parity_gives_both_tools_the_thread_count(tmp_path):
+    bench = load(BENCH / "eval_parity.py")
+    args = bench.build_parser().parse_args(["--threads", "3"])
+    data, weights = tmp_path / "animal_mnist", tmp_path / "w.pt"
+    cb = bench.clipbench_cmd("zeroshot", data, weights, tmp_path / "r.json", args)
+    assert cb[cb.index("--threads") + 1] == "3" and cb.index("--threads") < cb.index(
+        "--"
+    )  # the runner's own flag
+    ck = bench.clipkit_cmd("zeroshot", data, weights, tmp_path, args)
+    assert ck[ck.index("--threads") + 1] == "3"
+    env = bench.thread_env(3)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    log = tmp_path / "log.txt"
+    log.write_text("eval output\n[bench-threads] torch 3\n")
+    assert bench.reported_threads(log) == 3
+    log.write_text("no report\n")
+    with pytest.raises(RuntimeError, match="did not report"):
+        bench.reported_threads(log)

@@ -1,0 +1,195 @@
+"""Speed levers that must not change the math: text cut to the longest caption, the AdamW update
+implementations, and ``train.precision=auto`` (bf16 only where the CPU computes in it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import open_clip
+import pytest
+import torch
+from torch import nn
+
+from clipkit.config import Config, ModelConfig, OptimConfig, TowerConfig, load_config
+from clipkit.models.text_padding import kept_length, trim_right_padding
+from clipkit.models.towers import build_tower
+from clipkit.training.optim import adamw_implementation, build_optimizer, implementation_of
+from clipkit.training.precision import auto_precision, cpu_flags, resolve_precision
+
+CAPTIONS = ["a cat", "a small red dog on a wooden table", "sun", "green tree and a happy bird"]
+
+
+def text_tower(name: str, context_length: int = 16):
+    torch.manual_seed(0)
+    return build_tower(TowerConfig(name=name, weights="", context_length=context_length), "text")
+
+
+def widths_seen(module: nn.Module) -> list[int]:
+    """Sequence lengths entering ``module`` (a forward pre-hook records them)."""
+    seen: list[int] = []
+    module.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    return seen
+
+
+def causal_custom_text_config(folder) -> str:
+    """A custom-text open_clip config (``TextTransformer``) with the causal mask: cut like CLIP's."""
+    path = folder / "tiny-causal-customtext.json"
+    text = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
+    vision = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
+    path.write_text(
+        json.dumps({"embed_dim": 32, "custom_text": True, "vision_cfg": vision, "text_cfg": text})
+    )
+    return f"open_clip:{path}"
+
+
+@pytest.mark.parametrize(
+    "name, cut",
+    [
+        ("open_clip:clipkit-tiny-ViT", True),  # CLIP: causal, argmax pooling
+        ("causal-customtext", True),  # TextTransformer: causal, argmax pooling
+        ("open_clip:clipkit-tiny-ViT-customtext", False),  # no_causal_mask: every column matters
+    ],
+)
+def test_causal_text_on_longest_caption_equals_full_context(name, cut, tmp_path):
+    tower = text_tower(causal_custom_text_config(tmp_path) if name == "causal-customtext" else name)
+    tokens = tower.tokenize(CAPTIONS)  # (4, 16), padded with zeros after the end-of-text token
+    longest = int(tokens.argmax(-1).max()) + 1
+    assert longest < tokens.shape[1]  # there is padding to cut
+    seen = widths_seen(tower.model.transformer)
+    got = tower(tokens)
+    assert seen == [longest if cut else tokens.shape[1]]  # the transformer's sequence length
+    # Oracle: the full-context forward, open_clip's own TextTransformer.forward (custom text) or
+    # ClipText without its cut (CLIP.encode_text, see test_split_open_clip_text_...).
+    if hasattr(tower.model, "causal"):
+        tower.model.causal = None
+    want = tower.model(tokens)
+    assert seen[-1] == tokens.shape[1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_cut_text_tower_gives_the_full_context_gradients():
+    tower = text_tower("open_clip:clipkit-tiny-ViT")
+    tokens = tower.tokenize(CAPTIONS)
+    (tower(tokens) ** 2).sum().backward()
+    cut = {n: p.grad.clone() for n, p in tower.named_parameters()}
+    tower.zero_grad()
+    tower.model.causal = None  # the full-context forward
+    (tower(tokens) ** 2).sum().backward()
+    for n, p in tower.named_parameters():  # equal up to float rounding, relative to the gradient's size
+        assert (cut[n] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max() + 1e-7, n
+
+
+def test_split_open_clip_text_equals_open_clip_encode_text():
+    torch.manual_seed(0)
+    clip = open_clip.create_model("clipkit-tiny-ViT", force_context_length=16)
+    from clipkit.models.towers_openclip import ClipText
+
+    text = ClipText(clip)
+    tokens = open_clip.get_tokenizer("clipkit-tiny-ViT", context_length=16)(CAPTIONS)
+    torch.testing.assert_close(text(tokens), clip.encode_text(tokens), atol=1e-5, rtol=0)
+
+
+def test_kept_length_is_the_last_end_of_text_position():
+    tokens = torch.tensor([[49406, 5, 49407, 0, 0, 0], [49406, 7, 8, 9, 49407, 0]])
+    assert kept_length(tokens, "argmax", None) == 5
+    assert kept_length(torch.tensor([[1, 2, 3, 0], [1, 3, 0, 0]]), "eos", 3) == 3
+
+
+def test_hf_tower_on_longest_caption_equals_full_context():
+    tower = build_tower(TowerConfig(name="hf:minilm", weights="bundled", context_length=32), "text").eval()
+    tokens = tower.tokenize(CAPTIONS)  # (4, 32)
+    trimmed = trim_right_padding(tokens, tower.pad_token_id)
+    assert trimmed.shape[1] < tokens.shape[1] and torch.equal(trimmed, tokens[:, : trimmed.shape[1]])
+    seen = []
+    tower.model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    with torch.no_grad():
+        got = tower(tokens)
+        mask = tokens != tower.pad_token_id  # oracle: the full-context forward, written out
+        hidden = tower.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        want = (hidden * m).sum(1) / m.sum(1)
+    assert seen[0] == trimmed.shape[1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- AdamW
+
+
+class Toy(nn.Module):
+    """DualEncoder submodule names around small layers: every AdamW group (decay, no decay, lr_mult)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.vision = nn.Sequential(nn.Linear(12, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 6))
+        self.text = nn.Sequential(nn.Embedding(20, 8), nn.LayerNorm(8), nn.Linear(8, 6))
+        self.vision_proj = nn.Linear(6, 4)
+        self.text_proj = nn.Linear(6, 4)
+        self.logit_scale = nn.Parameter(torch.tensor(2.6))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        img = nn.functional.normalize(self.vision_proj(self.vision(x)), dim=-1)  # (B, 4)
+        txt = nn.functional.normalize(self.text_proj(self.text(t).mean(1)), dim=-1)  # (B, 4)
+        logits = self.logit_scale.exp() * img @ txt.T  # (B, B)
+        return nn.functional.cross_entropy(logits, torch.arange(len(x)))
+
+
+def train_toy(implementation: str, steps: int = 8) -> dict[str, torch.Tensor]:
+    model = Toy()
+    mcfg = ModelConfig(vision=TowerConfig(name="x:v", lr_mult=0.5), text=TowerConfig(name="x:t"))
+    opt = build_optimizer(model, mcfg, OptimConfig(lr=1e-2, weight_decay=0.2, implementation=implementation))
+    assert implementation_of(opt) == (implementation if implementation != "auto" else "fused")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        model(torch.randn(6, 12, generator=gen), torch.randint(0, 20, (6, 5), generator=gen)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach", "auto"])
+def test_adamw_implementations_match_the_per_parameter_loop(implementation):
+    want = train_toy("for_loop")
+    got = train_toy(implementation)
+    start = dict(Toy().named_parameters())
+    assert all(not torch.equal(want[n], start[n]) for n in want)  # every parameter moved: a real check
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_auto_update_is_fused_on_cpu_and_foreach_under_a_gradient_scaler():
+    params = [nn.Parameter(torch.zeros(3))]
+    assert adamw_implementation("auto", params, scaler=False) == "fused"
+    assert adamw_implementation("auto", params, scaler=True) == "foreach"
+    with pytest.raises(ValueError, match="fp16"):
+        adamw_implementation("fused", params, scaler=True)
+
+
+# ---------------------------------------------------------------------------- precision=auto
+
+
+def test_auto_precision_reads_the_cpu_flags(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert "avx512_bf16" in cpu_flags(str(info))
+    assert auto_precision(cpu_flags(str(info)))[0] == "bf16"
+    precision, reason = auto_precision({"avx2", "avx512f"})
+    assert precision == "fp32" and "avx512_bf16" in reason
+    assert auto_precision({"amx_bf16"})[0] == "bf16"
+    assert cpu_flags(str(tmp_path / "missing")) == set()
+
+
+def test_resolve_precision_replaces_auto_and_prints_why(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("clipkit.training.precision.cpu_flags", lambda: set())
+    cfg = load_config(None, ["train.precision=auto"])
+    out = resolve_precision(cfg)
+    assert out.train.precision == "fp32" and "train.precision=auto -> fp32" in capsys.readouterr().out
+    assert dataclasses.replace(out, train=cfg.train) == cfg  # nothing else changed
+    fixed = load_config(None, ["train.precision=fp16"])
+    assert resolve_precision(fixed) is fixed
+    assert isinstance(out, Config)

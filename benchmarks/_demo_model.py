@@ -57,7 +57,7 @@ def demo_export(out: Path, samples: int, threads: int = 0) -> Path:
     overrides = [f"model.vision.image_size={IMAGE_SIZE}", "train.seed=0"]
     if samples > 0:
         overrides += [f"train.samples={samples}", f"train.output_dir={folder}", "train.run_name=run"]
-        overrides += [f"train.threads={threads}", "train.checkpoint_every=1000000", "train.keep_last=1"]
+        overrides += [f"train.threads={threads}"]
         print(f"training the demo recipe at {IMAGE_SIZE} px for {samples} samples (once) ...", flush=True)
         _clipkit(["train", str(RECIPE), *overrides], log, threads)
         spec = str(folder / "run")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clipkit.cli.demo import RECIPE, REPO, first_shards, shrink
+from clipkit.cli.demo import RECIPE, REPO, brace_list, first_shards, shrink
 from clipkit.cli.main import build_parser, main
 from clipkit.config import load_config
 from clipkit.data.urls import expand_urls
@@ -55,7 +55,13 @@ def test_the_run_folder_holds_a_trained_model_of_the_small_run(demo):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["train"]["samples"] == SAMPLES
     # one shard holds 128 samples; the recipe's 2 loader workers read one each
-    assert cfg["data"]["train"] == f"{DATA / 'emoji' / 'train'}/{{shard-000000.tar,shard-000001.tar}}"
+    # every source of the recipe's mixture is cut to its first two shards, in the recipe's order
+    sources = [Path(p).parts[-2] for p in load_config(RECIPE).data.train.split("::")]
+    parts = cfg["data"]["train"].split("::")
+    assert len(parts) == len(sources) >= 1
+    for part, name in zip(parts, sources, strict=True):
+        shards = sorted(str(p) for p in (DATA / name / "train").glob("shard-*.tar"))
+        assert expand_urls(part) == shards[:2], (part, name)
     assert cfg["model"]["vision"]["name"] == "timm:tf_efficientnet_lite0"  # the recipe itself
     last = json.loads(ckpt.sidecar_path(ckpt.latest(run)).read_text())
     assert last["samples_seen"] == SAMPLES and last["step"] == SAMPLES // cfg["data"]["batch_size"]
@@ -92,7 +98,10 @@ def test_first_shards_keeps_one_part_per_source(demo):
     shards = sorted(str(p) for p in train.glob("shard-*.tar"))
     assert first_shards(str(train), 1) == shards[0]
     two = first_shards(str(train), 600)  # the first shard holds ~475
-    assert two == f"{train}/{{shard-000000.tar,shard-000001.tar}}" and expand_urls(two) == shards[:2]
+    assert two == f"{train}/shard-{{000000..000001}}.tar" and expand_urls(two) == shards[:2]
     assert first_shards(f"{train}::{train}", 600) == f"{two}::{two}"
-    assert expand_urls(first_shards(str(train), 10**9)) == shards
+    assert first_shards(str(train), 10**9) == str(train)  # all of it: the part as it was
     assert first_shards(str(train), 1, at_least=2) == two
+    assert brace_list([f"{train}/a.tar", f"{train}/b7.tar"]) == f"{train}/{{a.tar,b7.tar}}"
+    assert brace_list(["/x/s-01.tar", "/x/s-03.tar"]) == "/x/{s-01.tar,s-03.tar}"  # not in a row
+    assert brace_list(["/x/a.tar", "/y/b.tar"]) == "{/x/a.tar,/y/b.tar}"

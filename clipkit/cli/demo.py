@@ -3,8 +3,9 @@
 1. Build the emoji shards (twemoji images + names) and the Animal-MNIST zero-shot set, and
    any other bundled source the recipe reads from data/<name>/ (``openclipart``).
 2. Score the untrained model: pretrained towers, freshly initialised projections.
-3. Train the recipe: ``train/lit_emoji.yaml`` (locked EfficientNet-Lite0 + MiniLM, CLIP loss)
-   unless ``--recipe`` names another (``train/lit_mix.yaml``: emoji + openclipart).
+3. Train the recipe: ``train/lit_mix.yaml`` (locked EfficientNet-Lite0 + MiniLM, CLIP loss, emoji
+   + openclipart 2:1 with caption templates) unless ``--recipe`` names another
+   (``train/lit_emoji.yaml``: emoji only, the demo's recipe before #14).
 4. Score the trained model and print one before/after table; JSON goes to the run folder.
 
 The image tower is locked, so the eval sets go through it once (``evaluation.cached``) and
@@ -15,6 +16,7 @@ CLI layer because it imports the builders in ``data_tools/``.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from clipkit.config import Config, load_config
 from clipkit.errors import ClipkitError
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPE = REPO / "train" / "lit_emoji.yaml"
+RECIPE = REPO / "train" / "lit_mix.yaml"  # chosen in #14: benchmarks/recipes_analysis.md
 
 
 def balanced_subset(dataset: Any, per_class: int) -> list[dict[str, Any]]:
@@ -92,18 +94,29 @@ def first_shards(spec: str, samples: int, at_least: int = 1) -> str:
             continue
         counts = [sizes[s] for s in shards]
         keep = next((i + 1 for i in range(len(shards)) if sum(counts[: i + 1]) >= samples), len(shards))
-        parts.append(brace_list(shards[: max(keep, at_least)]))
+        parts.append(
+            part if max(keep, at_least) >= len(shards) else brace_list(shards[: max(keep, at_least)])
+        )
     return "::".join(parts)
 
 
 def brace_list(shards: list[str]) -> str:
-    """One shard-spec part naming exactly ``shards``: "dir/{a.tar,b.tar}" (or "{dir/a,other/b}")."""
+    """One shard-spec part naming exactly ``shards``: "dir/shard-{000000..000003}.tar" when they
+    are numbered in a row, else "dir/{a.tar,b.tar}" (or "{dir/a.tar,other/b.tar}")."""
     if len(shards) == 1:
         return shards[0]
     parents = {str(Path(s).parent) for s in shards}
-    if len(parents) == 1:
-        return f"{parents.pop()}/{{{','.join(Path(s).name for s in shards)}}}"
-    return "{" + ",".join(shards) + "}"
+    if len(parents) > 1:
+        return "{" + ",".join(shards) + "}"
+    parent = parents.pop()
+    found = [re.fullmatch(r"(.*?)(\d+)(\D*)", Path(s).name) for s in shards]
+    named = [m.groups() for m in found if m]  # (head, number, tail): "shard-", "000003", ".tar"
+    if len(named) == len(shards) and len({(h, len(n), t) for h, n, t in named}) == 1:
+        numbers = [int(n) for _, n, _ in named]
+        if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+            head, first, tail = named[0]
+            return f"{parent}/{head}{{{first}..{named[-1][1]}}}{tail}"
+    return f"{parent}/{{{','.join(Path(s).name for s in shards)}}}"
 
 
 def first_pairs(dataset: Any, n: int) -> list[dict[str, Any]]:

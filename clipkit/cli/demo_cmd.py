@@ -11,14 +11,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="the embedded default job: emoji shards -> LiT training -> zero-shot and retrieval scores",
         description="Builds the emoji and Animal-MNIST sets from installed packages, trains "
-        "train/lit_emoji.yaml (or --recipe) and prints zero-shot Animal-MNIST and emoji retrieval scores "
+        "train/lit_mix.yaml (or --recipe) and prints zero-shot Animal-MNIST and emoji retrieval scores "
         "before and after training. Extra key=value pairs override the recipe.",
     )
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recipe")
     p.add_argument(
         "--recipe",
         default=None,
-        help="training recipe (default: train/lit_emoji.yaml); the bundled sources its data.train "
+        help="training recipe (default: train/lit_mix.yaml); the bundled sources its data.train "
         "and data.val read from data/<name>/ (e.g. openclipart for train/lit_mix.yaml) are built first",
     )
     p.add_argument("--data", default="data", help="folder for the built datasets (default: data)")

@@ -1,10 +1,10 @@
 """``clipkit demo`` end to end at a small size: the README's flow, checked at every landing.
 
-The real recipe (train/lit_emoji.yaml: bundled EfficientNet-Lite0 + MiniLM at 160 px) on the
-real data in data/ (built there when missing, as ``make demo`` does; the feature cache of the
-shards read is kept beside them and reused). Small: 128 training samples from the first two
-shards (one per loader worker), 5 Animal-MNIST images per class and 64 emoji val pairs; the
-run folder goes to tmp_path.
+The demo's own recipe (``clipkit.cli.demo.RECIPE``: bundled EfficientNet-Lite0 + MiniLM at
+160 px) on the real data in data/ (built there when missing, as ``make demo`` does; the feature
+cache of the shards read is kept beside them and reused). Small: 128 training samples from the
+first two shards of each training source (one per loader worker), 5 Animal-MNIST images per
+class and 64 emoji val pairs; the run folder goes to tmp_path.
 The full-size demo is tests/test_demo_slow.py (``make bench``).
 """
 
@@ -54,8 +54,8 @@ def test_the_run_folder_holds_a_trained_model_of_the_small_run(demo):
     assert (run / "metrics.csv").is_file() and (run / "config.yaml").is_file()
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["train"]["samples"] == SAMPLES
-    # one shard holds 128 samples; the recipe's 2 loader workers read one each
     # every source of the recipe's mixture is cut to its first two shards, in the recipe's order
+    # (one shard holds 128 samples; the recipe's 2 loader workers read one each)
     sources = [Path(p).parts[-2] for p in load_config(RECIPE).data.train.split("::")]
     parts = cfg["data"]["train"].split("::")
     assert len(parts) == len(sources) >= 1

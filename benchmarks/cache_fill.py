@@ -9,7 +9,7 @@ to ``{key: (1280,) features}`` in memory. Neither writes the cache folder, so ev
   commit 797d9a5): batches of 64 from the data pipeline (decoded by the recipe's 2 loader
   workers, captions tokenized), each pushed through the tower on all torch threads.
 - new: ``clipkit.training.feature_cache._compute``, as ``build_feature_cache`` runs it: one lane
-  per torch thread, each a single-threaded tower pass on 32 images, while the loader workers
+  per torch thread, each a single-threaded tower pass on 16 images (``LANE_ROWS``), while the loader workers
   decode the next batches (``clipkit.models.inference.in_lanes``).
 
 Same shards, the same ``data`` settings (loader workers), the same ``--threads`` (default: one

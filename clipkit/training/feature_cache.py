@@ -67,9 +67,10 @@ CACHE_DIRNAME = "_clipkit_cache"
 FP16_MAX = float(np.finfo(np.float16).max)
 BUILD_BATCH = 64  # tensors per forward with one lane (a GPU, or one torch thread)
 # Tensors per forward in each CPU lane. Small batches keep a lane's activations in the CPU's
-# caches; >= 16 keeps oneDNN on its batch kernels, whose per-image outputs do not depend on the
-# batch size: a key's features equal those of a BUILD_BATCH pass bit for bit (test_cache_fill.py).
-LANE_ROWS = 32
+# caches (EfficientNet-Lite0 at 160 px, 2 lanes: 16 -> ~1.2x the images/s of 32); >= 16 keeps
+# oneDNN on its batch kernels, whose per-image outputs do not depend on the batch size: a key's
+# features equal those of a BUILD_BATCH pass bit for bit (tests/test_cache_fill.py).
+LANE_ROWS = 16
 FLUSH_ROWS = 50_000  # new rows computed between two saves of the cache
 
 
@@ -248,11 +249,11 @@ def _image_batches(
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(keys, images) of the ``wanted`` keys in ``shards``, read in order by the data pipeline
     (decoded in its workers, or here while the lanes run): images (b, 3, H, W) or, with views,
-    (b, views, 3, H, W). Every batch holds ``rows // views`` images (at least 1), but the last,
-    which takes the remainder too (< 2x that): no small tail batch runs on other kernels."""
+    (b, views, 3, H, W). Every batch holds ``ceil(rows / views)`` images, but the last, which
+    takes the remainder too (< 2x that): no short tail batch runs on other kernels."""
     from clipkit.data import build_loader
 
-    per_batch = max(1, rows // max(1, job.views))
+    per_batch = -(-rows // max(1, job.views))  # >= rows tensors per forward
     cfg = dataclasses.replace(data_cfg, batch_size=per_batch, shuffle_buffer=0)
     loader = build_loader(
         cfg, "::".join(str(s) for s in shards), job.transform(), _no_text,
@@ -260,18 +261,24 @@ def _image_batches(
     )  # fmt: skip
     picked: set[str] = set()
     keys: list[str] = []
-    images: list[torch.Tensor] = []  # picked rows of the batches read, not yet handed out
+    chunks: list[torch.Tensor] = []  # the picked images read and not yet handed out, in order
     for batch in loader:  # workers' batches come in turn, some short (a worker's last)
         inputs, meta = split_inputs(batch)  # the keys find the rows; only images reach the tower
         pick = [i for i, k in enumerate(meta.keys) if k in wanted and k not in picked]
+        if not pick:
+            continue
         picked.update(meta.keys[i] for i in pick)
         keys += [meta.keys[i] for i in pick]
-        images += list(inputs["image"][pick])
+        whole = len(pick) == len(meta.keys)
+        chunks.append(inputs["image"] if whole else inputs["image"][pick])  # no copy when all are wanted
         while len(keys) >= 2 * per_batch:
-            yield keys[:per_batch], torch.stack(images[:per_batch])
-            keys, images = keys[per_batch:], images[per_batch:]
+            if len(chunks[0]) != per_batch:  # a short or long chunk first: regroup (one copy)
+                joined = torch.cat(chunks)
+                chunks = [joined[:per_batch], joined[per_batch:]]
+            yield keys[:per_batch], chunks.pop(0)
+            keys = keys[per_batch:]
     if keys:
-        yield keys, torch.stack(images)
+        yield keys, torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
 
 def fill_plan(device: torch.device, lanes: int | None = None) -> tuple[int, int]:

@@ -35,20 +35,9 @@ from clipkit.data.atomic import atomic_write_text
 # fp16: AVX512-FP16, AMX-FP16). Without them, CPU autocast emulates the type (slower than fp32).
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 FP16_FLAGS = ("avx512_fp16", "amx_fp16")
+from clipkit.models.embed import cpu_flags
+
 GIB = 2**30
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags (first ``flags`` line of /proc/cpuinfo); empty where unreadable."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86, arm64
-            return set(value.split())
-    return set()
 
 
 def cpu_info(flags: set[str] | None = None) -> dict[str, Any]:

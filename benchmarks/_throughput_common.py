@@ -87,10 +87,20 @@ class Result:
     cpu_s: float = float("nan")  # user + sys CPU seconds of the run and its loader workers
     load: str = ""  # 1/5/15-minute load average when the run ended
     note: str = ""
+    seed: int = 0
 
     @property
     def e2e_sps(self) -> float:
         return self.samples / self.wall_s if self.wall_s and not math.isnan(self.wall_s) else float("nan")
+
+    def tail_loss(self, frac: float = 0.25) -> float:
+        """Mean step loss over the last ``frac`` of the steps: the level the curve ends at, with
+        less of one batch's noise than the final step's loss."""
+        losses = [loss for _, loss in self.curve]
+        if not losses:
+            return float("nan")
+        tail = losses[-max(1, round(len(losses) * frac)) :]
+        return sum(tail) / len(tail)
 
     @property
     def cpu_sps(self) -> float:

@@ -96,22 +96,71 @@ def make_synthetic_shards(out_dir: Path, n_samples: int, n_shards: int = 4, size
     return paths
 
 
+# Bumped when ``flatten_shard`` changes what it writes: the private copies are then rewritten.
+FLATTEN_VERSION = 1
+_IMAGE_EXTS = {"png", "jpg", "jpeg", "webp"}
+
+
+def flatten_shard(src: str, dst: Path) -> None:
+    """Copy one shard, with every image that has transparency or a palette re-encoded as RGB PNG.
+
+    The emoji PNGs are palette images with a transparent index. open_clip's ``convert("RGB")``
+    drops the transparency and shows the palette colour under it (a different colour per image),
+    while clipkit composites over white: the two tools would train on different pixels. Both read
+    these copies, whose pixels are the same under either decoder. Other members are copied byte
+    for byte; the file is written under a temporary name and renamed.
+    """
+    from PIL import Image
+
+    tmp = dst.with_suffix(".tmp")
+    with tarfile.open(src) as tin, tarfile.open(tmp, "w") as tout:
+        for m in tin:
+            if not m.isfile():
+                continue
+            data = tin.extractfile(m).read()
+            ext = m.name.rsplit(".", 1)[-1].lower()
+            if ext in _IMAGE_EXTS:
+                img = Image.open(io.BytesIO(data))
+                if img.mode != "RGB" or "transparency" in img.info:
+                    rgba = img.convert("RGBA")
+                    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    canvas.alpha_composite(rgba)
+                    buf = io.BytesIO()
+                    canvas.convert("RGB").save(buf, format="PNG")
+                    data = buf.getvalue()
+                    m.name = m.name.rsplit(".", 1)[0] + ".png"
+            info = tarfile.TarInfo(m.name)
+            info.size, info.mtime, info.mode = len(data), m.mtime, m.mode
+            tout.addfile(info, io.BytesIO(data))
+    os.replace(tmp, dst)
+
+
 def private_copy(paths: list[str], dest: Path) -> list[str]:
-    """Copy the shards into the benchmark's own folder.
+    """Copy the shards into the benchmark's own folder, images flattened to RGB (``flatten_shard``).
 
     clipkit keeps its feature cache beside the shards (``<dir>/_clipkit_cache``); a private copy
     lets the benchmark start the clipkit LiT run from a cold cache (cache building included, as
-    the target says) without deleting a cache other runs use.
+    the target says) without deleting a cache other runs use. A copy is rewritten when its source
+    changed (size and mtime, recorded in ``<dest>/_sources.json``) or ``FLATTEN_VERSION`` did.
     """
-    import shutil
+    import json
 
     dest.mkdir(parents=True, exist_ok=True)
+    manifest_path = dest / "_sources.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        manifest = {}
     out = []
     for p in paths:
         q = dest / Path(p).name
-        if not q.exists() or q.stat().st_size != Path(p).stat().st_size:
-            shutil.copyfile(p, q.with_suffix(".tmp"))
-            os.replace(q.with_suffix(".tmp"), q)
+        st = Path(p).stat()
+        stamp = [FLATTEN_VERSION, st.st_size, st.st_mtime_ns]
+        if not q.exists() or manifest.get(q.name) != stamp:
+            flatten_shard(p, q)
+            manifest[q.name] = stamp
+            manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            clear_feature_cache([str(q)])
         out.append(str(q))
     return out
 

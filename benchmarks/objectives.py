@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", default="", help="comma list of row names (default: all)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--samples", type=int, default=6400, help="training samples per run (100 steps of 64)")
+    p.add_argument(
+        "--recipe",
+        type=Path,
+        default=RECIPE,
+        help="the recipe every row trains (default train/lit_emoji.yaml on the emoji shards); another "
+        "recipe keeps its own data.train (e.g. train/lit_mix.yaml: emoji + openclipart) and skips its val pass",
+    )
     p.add_argument("--zeroshot-per-class", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
     p.add_argument("--data", type=Path, default=ROOT / "data")
@@ -110,10 +117,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def own_data(args: argparse.Namespace) -> bool:
+    """True when the rows train on ``--recipe``'s own data (any recipe but the default)."""
+    return Path(args.recipe).resolve() != RECIPE.resolve()
+
+
 def common_overrides(args: argparse.Namespace, emoji: Path, seed: int, name: str) -> list[str]:
+    data = ["data.val="] if own_data(args) else [f"data.train={emoji / 'train'}", f"data.val={emoji / 'val'}"]
     return [
-        f"data.train={emoji / 'train'}",
-        f"data.val={emoji / 'val'}",
+        *data,
         f"train.samples={args.samples}",
         f"train.seed={seed}",
         f"train.output_dir={args.out}",
@@ -124,9 +136,11 @@ def common_overrides(args: argparse.Namespace, emoji: Path, seed: int, name: str
     ]
 
 
-def run_key(overrides: list[str]) -> str:
-    """Short hash of the run's overrides (the thread count included: wall time depends on it)."""
-    return hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:10]
+def run_key(overrides: list[str], recipe: Path = RECIPE) -> str:
+    """Short hash of the run's recipe and overrides (the thread count included: wall time depends
+    on it). The default recipe hashes as before, so its earlier results stay valid."""
+    extra = [] if Path(recipe).resolve() == RECIPE.resolve() else [f"recipe={Path(recipe).resolve()}"]
+    return hashlib.sha1("\n".join(overrides + extra).encode()).hexdigest()[:10]
 
 
 def gap_of(model: torch.nn.Module, retrieval: object) -> float:
@@ -144,14 +158,16 @@ def gap_of(model: torch.nn.Module, retrieval: object) -> float:
     return float(modality_gap(img, txt))
 
 
-def train_and_score(overrides: list[str], out_json: Path, feats: tuple, keep: bool = False) -> dict:
+def train_and_score(
+    overrides: list[str], out_json: Path, feats: tuple, keep: bool = False, recipe: Path = RECIPE
+) -> dict:
     """Train one run (or read its earlier result) and score it."""
     from clipkit.models.load import load_trained
     from clipkit.training.loop import train
 
     if out_json.is_file():
         return json.loads(out_json.read_text())
-    cfg = load_config(RECIPE, overrides)
+    cfg = load_config(recipe, overrides)
     t0 = time.perf_counter()
     run_dir = train(cfg)
     wall = time.perf_counter() - t0
@@ -224,7 +240,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, int, tuple]:
     from clipkit.training.feature_cache import build_feature_cache
 
     emoji, animal_dir = build_data(args.data)
-    base_cfg = load_config(RECIPE, common_overrides(args, emoji, 0, "probe"))
+    base_cfg = load_config(args.recipe, common_overrides(args, emoji, 0, "probe"))
     n_train = sum(json.loads((emoji / "train" / "sizes.json").read_text()).values())
     tower_model = build_model(base_cfg.model)
     print(build_feature_cache(tower_model, base_cfg.data, base_cfg.data.train, args.out)[1], flush=True)
@@ -243,8 +259,8 @@ def train_teacher(args: argparse.Namespace, emoji: Path, feats: tuple, wanted: l
         return ""
     t_ov = common_overrides(args, emoji, 100, "teacher")
     t_ov += [f"train.samples={2 * args.samples}", "model.text.unlocked_layers=7", "loss.name=clip"]
-    t_json = args.out / f"teacher-{run_key(t_ov)}.json"
-    t_res = train_and_score(t_ov, t_json, feats, keep=True)
+    t_json = args.out / f"teacher-{run_key(t_ov, args.recipe)}.json"
+    t_res = train_and_score(t_ov, t_json, feats, keep=True, recipe=args.recipe)
     teacher = t_res["run_dir"]
     print(f"[objectives] teacher {teacher}: top-1 {t_res['zs_top1']:.3f}, R@1 {t_res['r1']:.3f}", flush=True)
     return teacher
@@ -264,7 +280,12 @@ def run_rows(
             ov = common_overrides(args, emoji, seed, f"{name}-s{seed}")
             ov += [o.replace("{teacher}", teacher).replace("{n}", str(n_train)) for o in row_ov]
             try:
-                res = train_and_score(ov, args.out / f"{name}-s{seed}-{run_key(ov)}.json", feats)
+                res = train_and_score(
+                    ov,
+                    args.out / f"{name}-s{seed}-{run_key(ov, args.recipe)}.json",
+                    feats,
+                    recipe=args.recipe,
+                )
             except Exception as err:  # noqa: BLE001  (one broken row must not cost the others)
                 failed.append(f"{name} seed {seed}: {type(err).__name__}: {err}")
                 print(f"[objectives] FAILED {failed[-1]}", flush=True)
@@ -287,7 +308,9 @@ def report(args: argparse.Namespace, argv: list[str] | None, seeds: list[int], o
         "# Objectives on the demo LiT setup\n\n"
         f"`{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {sum(r['wall_s'] for rs in results.values() for r in rs):.0f} s of training in all; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads)\n\n"
-        f"Each run: `train/lit_emoji.yaml`, {args.samples} samples (batch 64), warmup 10 steps, seeds "
+        f"Each run: `{Path(args.recipe).resolve().relative_to(ROOT) if Path(args.recipe).resolve().is_relative_to(ROOT) else args.recipe}`"
+        f"{' on its own training data, no val pass' if own_data(args) else ''}, {args.samples} samples (batch 64), "
+        "warmup 10 steps, seeds "
         f"{', '.join(map(str, seeds))}; zero-shot on {len(feats[0])} Animal-MNIST images (chance 0.10), "
         f"retrieval and modality gap on {len(feats[1])} held-out emoji pairs. Mean ± sample std over seeds; "
         "z = difference of means / its standard error (|z| >= 2: beyond seed noise).\n"
@@ -316,8 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = run_rows(args, wanted, seeds, (emoji, n_train, feats, teacher))
     doc = report(args, argv, seeds, (results, failed, feats, teacher))
     print("\n" + doc)
-    for path in (args.out / "objectives.md", *([TABLE_MD] if args.record else [])):
-        _record.write_text(path, doc, record=path == TABLE_MD)
+    tracked = (
+        TABLE_MD if not own_data(args) else TABLE_MD.with_name(f"objectives_{Path(args.recipe).stem}.md")
+    )
+    for path in (args.out / "objectives.md", *([tracked] if args.record else [])):
+        _record.write_text(path, doc, record=path == tracked)
         print(f"table written to {path}", flush=True)
     return 1 if failed else 0
 

@@ -16,9 +16,12 @@ bench() {
     echo "=== $PY $*"
     "$PY" "$@" || missed+=("$*")
 }
-bench benchmarks/train_throughput.py --record
+bench benchmarks/train_throughput.py --seeds 0 1 2 --record
+bench benchmarks/train_throughput.py --setups small --small-model clipkit-tiny-ViT --small-image-size 32 --small-context-length 16 --small-samples 8192 --seeds 0 1 2 --record
 bench benchmarks/loader_throughput.py --samples 3000 --shards 8 --repeats 3 --record
 bench benchmarks/eval_parity.py --threads 2 --record
+bench benchmarks/eval_parity.py --model demo224 --threads 2 --repeats 3 --record
+bench benchmarks/cache_fill.py --shards 3 --repeats 2 --record
 bench benchmarks/feature_cache_speedup.py --repeats 3 --record
 bench benchmarks/loss_memory.py --record
 bench benchmarks/index_vs_autofaiss.py --n 300000 --no-bundled --record
@@ -26,6 +29,8 @@ bench benchmarks/index_vs_autofaiss.py --n 1000000 --record
 bench benchmarks/chaos.py --record
 bench benchmarks/objectives.py --record
 bench benchmarks/scaling.py --record
+bench benchmarks/engines.py --record
+bench benchmarks/scale_throughput.py --record
 
 if ((${#missed[@]})); then
     printf 'missed a target or failed: %s\n' "${missed[@]}" >&2

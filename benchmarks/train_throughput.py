@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warm-cache", action="store_true", help="LiT: keep clipkit's feature cache (default: cold)"
     )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="train each tool once per seed (the loss check needs 2+)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads in the training process")
     p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     p.add_argument("--skip-steps", type=int, default=3, help="steps left out of the steady-state rate")
@@ -119,19 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     print(info, flush=True)
     runners = {"openclip": run_openclip, "clipkit": run_clipkit}
     results = []
-    for st in setups:
-        for tool in args.tools.split(","):
-            if tool == "openclip" and st.name == "lit" and 0 < args.openclip_lit_samples < st.samples:
-                results.append(run_openclip_extrapolated(st, out_root / st.name, args))
-            else:
-                results.append(runners[tool](st, out_root / st.name, args.skip_steps))
-            r = results[-1]
-            print(
-                f"[bench] {st.name}/{tool}: {r.samples} samples, wall {fmt(r.wall_s, 1)} s, "
-                f"{fmt(r.e2e_sps)} samples/s e2e, {fmt(r.steady_sps)} steady, loss {fmt(r.final_loss, 4)} "
-                f"{r.note}",
-                flush=True,
-            )
+    for base in setups:
+        for seed in args.seeds:
+            st = dataclasses.replace(base, hp=dataclasses.replace(base.hp, seed=seed))
+            for tool in args.tools.split(","):
+                if tool == "openclip" and st.name == "lit" and 0 < args.openclip_lit_samples < st.samples:
+                    results.append(run_openclip_extrapolated(st, out_root / st.name, args))
+                else:
+                    results.append(runners[tool](st, out_root / st.name, args.skip_steps))
+                r = results[-1]
+                r.seed = seed
+                print(
+                    f"[bench] {st.name}/{tool} seed {seed}: {r.samples} samples, wall {fmt(r.wall_s, 1)} s, "
+                    f"{fmt(r.e2e_sps)} samples/s e2e, {fmt(r.steady_sps)} steady, loss {fmt(r.final_loss, 4)} "
+                    f"{r.note}",
+                    flush=True,
+                )
     loads = f"load average (1, 5, 15 min) {load_start} at the start, {_record.load_average()} at the end"
     targets = _record.Targets()
     failed = [r for r in results if r.note.startswith("exit")]
@@ -143,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         + "".join(f"- {line}\n" for line in verdicts(results, targets))
         + "".join(f"- run failed: {r.setup}/{r.tool}: {r.note}\n" for r in failed)
         + f"\nVerdict: {targets.summary()}.\n\n"
-        + "\n".join(f"- {r.setup}/{r.tool}: `{r.command}`" for r in results)
+        + "\n".join(f"- {r.setup}/{r.tool}/seed {r.seed}: `{r.command}`" for r in results)
     )
     print("\n" + text)
     if args.json:

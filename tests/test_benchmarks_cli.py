@@ -221,6 +221,81 @@ def test_train_throughput_verdicts_use_the_issue_targets():
     assert targets.exit_code() == 0  # 1.67x
 
 
+def test_train_throughput_checks_equal_loss_over_seeds():
+    load(BENCH / "train_throughput.py")
+    from _record import Targets
+    from _throughput_common import Result
+    from _throughput_report import verdicts
+
+    def run(tool, seed, level):
+        # 8 steps; the tail (last quarter = 2 steps) averages to `level`
+        curve = [(64 * i, 4.0) for i in range(6)] + [(384, level - 0.01), (448, level + 0.01)]
+        return Result(
+            "small", tool, samples=1000, wall_s=5.0 if tool == "clipkit" else 10.0, curve=curve, seed=seed
+        )
+
+    assert run("clipkit", 0, 3.0).tail_loss() == pytest.approx(3.0)
+    one = [run("openclip", 0, 2.8), run("clipkit", 0, 3.1)]
+    targets = Targets()
+    speed, loss = verdicts(one, targets)
+    assert "met (2.00x" in speed and "not checked" in loss and targets.exit_code() == 0
+    # three seeds each, clipkit's level 0.3 above with a seed sd of 0.02: |z| far above 3
+    far = [run("openclip", s, 2.8 + 0.02 * s) for s in range(3)] + [
+        run("clipkit", s, 3.1 + 0.02 * s) for s in range(3)
+    ]
+    targets = Targets()
+    _, loss = verdicts(far, targets)
+    assert "NOT met" in loss and targets.exit_code() == 1
+    near = [run("openclip", s, 2.8 + 0.02 * s) for s in range(3)] + [
+        run("clipkit", s, 2.81 + 0.02 * s) for s in range(3)
+    ]
+    targets = Targets()
+    _, loss = verdicts(near, targets)
+    assert "z 0.61" in loss and targets.exit_code() == 0
+
+
+def test_flattened_bench_shards_decode_alike_in_both_tools(tmp_path):
+    """The palette-with-transparency emoji PNGs decode differently under open_clip's
+    convert("RGB") and clipkit's composite over white; the benchmark's copies do not."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    load(BENCH / "train_throughput.py")
+    from _throughput_setups import private_copy
+
+    from clipkit.data.decode import load_rgb
+
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.paste((200, 30, 30, 255), (2, 2, 6, 6))
+    pal = rgba.convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.info["transparency"] = pal.getpixel((0, 0))
+    buf = io.BytesIO()
+    pal.save(buf, format="PNG", transparency=pal.getpixel((0, 0)))
+    src = tmp_path / "src" / "s-000000.tar"
+    src.parent.mkdir()
+    with tarfile.open(src, "w") as tf:
+        for name, data in (("a.png", buf.getvalue()), ("a.txt", b"a red square")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    before = Image.open(io.BytesIO(buf.getvalue()))
+    assert not np.array_equal(np.asarray(before.convert("RGB")), np.asarray(load_rgb(before)))
+
+    [copy] = private_copy([str(src)], tmp_path / "copy")
+    with tarfile.open(copy) as tf:
+        img = Image.open(io.BytesIO(tf.extractfile("a.png").read()))
+        assert tf.extractfile("a.txt").read() == b"a red square"
+    assert img.mode == "RGB"
+    assert np.array_equal(np.asarray(img.convert("RGB")), np.asarray(load_rgb(img)))
+    assert np.array_equal(np.asarray(img), np.asarray(load_rgb(before)))  # white where transparent
+    mtime = Path(copy).stat().st_mtime_ns
+    private_copy([str(src)], tmp_path / "copy")
+    assert Path(copy).stat().st_mtime_ns == mtime  # unchanged source: not rewritten
+
+
 def test_eval_parity_gives_both_tools_the_thread_count(tmp_path):
     bench = load(BENCH / "eval_parity.py")
     args = bench.build_parser().parse_args(["--threads", "3"])

@@ -275,3 +275,36 @@ def test_bf16_autocasts_the_image_side_only_when_asked(data):
                 model.encode_image(prep(x))
     assert seen == [torch.float32, torch.bfloat16]
     assert runner_mod.RunOptions(Path(".")).precision == "fp32"  # identical scores by default
+
+
+def test_cpu_lanes_give_the_one_pass_embeddings_bit_for_bit(tmp_path):
+    """With 2 torch threads a convolutional image side runs LANE_ROWS images per call in 2 lanes
+    of one thread each; the embeddings equal the one-lane pass (1 thread, whole batches) bit for
+    bit, since oneDNN's batch kernels give each image the same output at any batch >= 16. A batch
+    of 40 splits 16 + 24 (no chunk under 16); the last batch of 30 runs whole."""
+    from clipkit.evaluation import embed as eval_embed
+
+    ds = open_dataset(str(wds_classification(tmp_path / "cls", n=70, per_shard=20)))
+    model = ConvModel()
+    lanes_seen: list[tuple[str, int]] = []
+    model.trunk.register_forward_pre_hook(
+        lambda _m, args: lanes_seen.append((threading.current_thread().name, len(args[0])))
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = embed_dataset(model, ds, batch_size=40)
+        assert {name for name, _ in lanes_seen} == {threading.main_thread().name}
+        assert sorted(n for _, n in lanes_seen) == [30, 40]
+        lanes_seen.clear()
+        torch.set_num_threads(2)
+        two = embed_dataset(model, ds, batch_size=40)
+        assert torch.get_num_threads() == 2  # put back after the lanes
+    finally:
+        torch.set_num_threads(before)
+    assert {name.split("_")[0] for name, _ in lanes_seen} == {"clipkit-lane"}
+    assert sorted(n for _, n in lanes_seen) == [16, 24, 30]
+    assert eval_embed.LANE_ROWS == 16
+    assert two.keys == one.keys
+    assert torch.equal(two.image_emb, one.image_emb)
+    assert torch.equal(two.labels, one.labels)

@@ -154,6 +154,27 @@ def test_incremental_after_a_dead_driver_builds_only_the_remaining_shards(tmp_pa
     assert_stats_add_up(out, 22)
 
 
+def test_incremental_keeps_more_finished_shards_than_the_window(tmp_path, cluster):
+    """Every shard finished and the window (2) smaller than the shard count (5): the kept shards
+    are placed a window at a time, and the build must go on to the end of the source. It once
+    stopped after the first window, and the end of the build then removed shards 2-4 as stale."""
+    import shutil
+
+    from clipkit.data.engines.ray_build import build_shards_ray
+
+    manifest = write_manifest(tmp_path / "src", urls=False)
+    local = tmp_path / "local"
+    build_shards(items(manifest), local, options(), source=str(manifest))
+    out = tmp_path / "ray"
+    shutil.copytree(local, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.*")}
+    stats = build_shards_ray(items(manifest), out, options(incremental=True), source=str(manifest), window=2)
+    assert stats["shards"] == 5
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.*")} == before  # all kept, none rewritten
+    assert_same_build(local, out)
+    assert_stats_add_up(out, 22)
+
+
 def test_engine_flags_are_checked(tmp_path, capsys):
     out = str(tmp_path / "o")
     with pytest.raises(SystemExit):

@@ -4,7 +4,8 @@ Batching, device, eval mode and the image transform are ``clipkit.models.embed``
 module adds what evaluation needs on top: labels and captions kept beside the embeddings, a
 dataset split across ranks (``EvalSource.shard``) and every rank receiving the whole result.
 Images go through ``image_inference``: channels-last for a convolutional image side (fp32, the
-same scores), bf16 autocast only with ``precision="bf16"``.
+same scores), bf16 autocast only with ``precision="bf16"``; on a CPU with several torch threads a
+convolutional image side runs in lanes (``_image_rows``), with bit-identical embeddings.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ import torch
 from clipkit.evaluation.distributed import Ranks, all_gather
 from clipkit.evaluation.source import EvalDataError
 from clipkit.models.embed import (
+    convolutional,
     encode_images,
     encode_texts,
     eval_mode,
     image_batches,
     image_inference,
+    image_module,
     model_device,
 )
+from clipkit.models.inference import cpu_lanes, in_lanes
 
 
 @dataclass
@@ -39,6 +43,53 @@ class Embedded:
     text_to_image: torch.Tensor | None = None  # (Nt,) index of each caption's image
 
 
+# Images per forward in each CPU lane (``clipkit.models.inference.in_lanes``): as the feature
+# cache's fill, small batches keep a lane's activations in the CPU's caches, and >= 16 keeps oneDNN
+# on its batch kernels, whose per-image outputs do not depend on the batch: the embeddings equal a
+# one-pass run's bit for bit (tests/test_eval_lanes.py).
+LANE_ROWS = 16
+
+
+def _lane_chunks(
+    batches: Iterable[dict[str, Any]], rows: int
+) -> Iterable[tuple[dict[str, Any], int, torch.Tensor]]:
+    """(batch, chunks of it left after this one, chunk of its images) for each batch: chunks of
+    ``rows``, the last one taking the remainder (56 -> 16, 16, 24), so no chunk is shorter than
+    ``rows`` unless the whole batch is."""
+    for batch in batches:
+        images = batch["image"]
+        n_chunks = max(1, len(images) // rows)
+        for i in range(n_chunks):
+            end = (i + 1) * rows if i < n_chunks - 1 else len(images)
+            yield batch, n_chunks - 1 - i, images[i * rows : end]
+
+
+def _image_rows(
+    model: Any, batches: Iterable[dict[str, Any]], prep: Any, device: torch.device, precision: str
+) -> Iterable[tuple[dict[str, Any], torch.Tensor]]:
+    """(batch, its image embeddings) in order. A convolutional image side on a CPU with several
+    torch threads runs ``LANE_ROWS`` images per call in one lane per thread, each call on one
+    thread (bit-identical embeddings, more images/s); any other runs each batch whole."""
+    module = image_module(model)
+    lanes = cpu_lanes(device) if module is not None and convolutional(module) else 1
+    if lanes <= 1:
+        for batch in batches:
+            yield batch, encode_images(model, prep(batch["image"]), device).float().cpu()
+        return
+
+    def encode(item: tuple[dict[str, Any], int, torch.Tensor]) -> torch.Tensor:
+        return encode_images(model, prep(item[2]), device).float().cpu()
+
+    done: list[torch.Tensor] = []
+    for (batch, left, _), rows in in_lanes(
+        encode, _lane_chunks(batches, LANE_ROWS), lanes, precision, device.type
+    ):
+        done.append(rows)
+        if left == 0:
+            yield batch, torch.cat(done)
+            done = []
+
+
 def _rank_part(
     model: Any,
     dataset: Iterable[dict[str, Any]],
@@ -50,11 +101,12 @@ def _rank_part(
     device = model_device(model)
     part: dict[str, Any] = {"order": [], "keys": [], "labels": [], "images": [], "texts": [], "counts": []}
     with eval_mode(model), image_inference(model, precision) as prep:
-        for batch in image_batches(model, dataset, batch_size, num_workers):
+        batches = image_batches(model, dataset, batch_size, num_workers)
+        for batch, image_rows in _image_rows(model, batches, prep, device, precision):
             start = len(part["order"])
             part["order"] += [o if o is not None else (0, start + i) for i, o in enumerate(batch["order"])]
             part["keys"] += batch["key"]
-            part["images"].append(encode_images(model, prep(batch["image"]), device).float().cpu())
+            part["images"].append(image_rows)
             if "label" in batch:
                 part["labels"].append(batch["label"])
             if texts:

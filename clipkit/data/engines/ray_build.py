@@ -91,18 +91,21 @@ class _Driver:
 
     def run(self, chunks: Iterator[tuple[int, list[SourceItem]]]) -> int:
         """Build every shard of ``chunks``; returns the last shard number (-1 for an empty source)."""
-        last = -1
+        last, exhausted = -1, False
         try:
             while True:
-                while len(self.open) + len(self.writes) < self.window:
+                while not exhausted and len(self.open) + len(self.writes) < self.window:
                     nxt = next(chunks, None)
                     if nxt is None:
+                        exhausted = True
                         break
                     last = nxt[0]
                     self._submit(*nxt)
                 self._place()
                 if not self.open and not self.writes:
-                    return last
+                    if exhausted:
+                        return last
+                    continue  # a window of kept shards was placed at once: fill it again
                 self._wait()
         except BaseException:
             self._cancel()

@@ -314,3 +314,26 @@ def test_eval_parity_gives_both_tools_the_thread_count(tmp_path):
     log.write_text("no report\n")
     with pytest.raises(RuntimeError, match="did not report"):
         bench.reported_threads(log)
+
+
+def test_objectives_recipe_keeps_its_own_data_and_its_own_keys():
+    """``--recipe`` other than the default trains on that recipe's data without its val pass and
+    keys its runs by the recipe; the default recipe's keys stay what they were (sha1 of the
+    overrides), so earlier results are still found."""
+    import hashlib
+
+    from clipkit.config import load_config
+
+    bench = load(BENCH / "objectives.py")
+    default = bench.parse_args([])
+    mix = bench.parse_args(["--recipe", str(ROOT / "train" / "lit_mix.yaml")])
+    assert not bench.own_data(default) and bench.own_data(mix)
+    emoji = Path("data/emoji")
+    ov_default = bench.common_overrides(default, emoji, 0, "clip-s0")
+    ov_mix = bench.common_overrides(mix, emoji, 0, "clip-s0")
+    assert f"data.train={emoji / 'train'}" in ov_default and f"data.val={emoji / 'val'}" in ov_default
+    assert "data.val=" in ov_mix and not any(o.startswith("data.train=") for o in ov_mix)
+    assert bench.run_key(ov_default) == hashlib.sha1("\n".join(ov_default).encode()).hexdigest()[:10]
+    assert bench.run_key(ov_default, mix.recipe) != bench.run_key(ov_default)
+    cfg = load_config(mix.recipe, ov_mix)
+    assert cfg.data.train == "data/emoji/train::data/openclipart/train" and not cfg.data.val

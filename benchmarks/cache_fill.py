@@ -10,12 +10,14 @@ to ``{key: (1280,) features}`` in memory. Neither writes the cache folder, so ev
   workers, captions tokenized), each pushed through the tower on all torch threads.
 - new: ``clipkit.training.feature_cache._compute``, as ``build_feature_cache`` runs it: one lane
   per torch thread, each a single-threaded tower pass on 16 images (``LANE_ROWS``), while the loader workers
-  decode the next batches (``clipkit.models.inference.in_lanes``).
+  decode the next batches (``clipkit.models.inference.in_lanes``); the tower pass is a frozen
+  TorchScript graph traced on the first batch (``clipkit.models.inference.graph_mode``: batch
+  norms folded into the convolutions, ~1e-5 from the eager pass; tracing is inside the timing).
 
 Same shards, the same ``data`` settings (loader workers), the same ``--threads`` (default: one
 per core) in one process; runs alternate old / new ``--repeats`` times, medians reported. The
-features of the two sides are compared too (channels-last fp32 on both; oneDNN picks other
-kernels for batches under 16 images, so a short last batch may differ by ~1e-5). Images/s
+features of the two sides are compared too (channels-last fp32 on both; the folded batch norms
+and oneDNN's other kernels for batches under 16 images put them ~1e-5 apart). Images/s
 counts from the start of the pass (loader workers starting included) to its last row.
 Target: new / old images/s >= 2.0; exit status 1 when missed. The load average is printed at
 the start and the end: run it on a quiet machine.

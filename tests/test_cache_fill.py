@@ -24,7 +24,7 @@ from training_helpers import write_shards
 
 from clipkit.config import AugmentConfig, DataConfig, ModelConfig, TowerConfig
 from clipkit.models import build_model
-from clipkit.models.inference import bulk_inference, cpu_lanes, in_lanes
+from clipkit.models.inference import bulk_inference, cpu_lanes, graph_mode, in_lanes
 from clipkit.training import feature_cache as fc
 from clipkit.training import partial_cache as pc
 
@@ -39,6 +39,7 @@ KINDS = {
     "effnet-partial": (EFFNET, 1, 1, 0),
 }
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+GRAPH_TOL = 5e-5  # a frozen graph's rows against the eager pass's (see graph_mode)
 N_SHARDS, PER_SHARD = 2, 23  # 46 images: 2-3 batches of 16 rows, one of them a longer last batch
 
 
@@ -112,11 +113,58 @@ def test_lanes_fill_equals_the_one_lane_fill_and_a_direct_pass(kind, tmp_path, m
     assert set(lanes) == set(one_lane) == set(want) and len(want) == N_SHARDS * PER_SHARD
     # the fill before lanes, as benchmarks/cache_fill.py keeps it (pooled tower features only)
     before = old_fill(model, data, sorted(folder.glob("*.tar"))) if views == 1 and not unlocked else one_lane
+    # The EfficientNet fills run a frozen TorchScript graph (``graph_mode``: batch norms folded
+    # into the convolutions), the eager oracles do not: ~1e-5 apart, well under the float16 the
+    # cache stores (5e-4 relative). Lanes and one lane both run the graph: equal to 1e-6.
+    eager = 1e-6 if kind.startswith("vit") else GRAPH_TOL
     for key, value in want.items():
         assert lanes[key].dtype == np.float32 and lanes[key].shape == value.shape
         np.testing.assert_allclose(lanes[key], one_lane[key], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(lanes[key], before[key], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(lanes[key], value, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(lanes[key], before[key], rtol=eager, atol=eager)
+        np.testing.assert_allclose(lanes[key], value, rtol=eager, atol=eager)
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_graph_mode_runs_the_convolutional_fill_and_can_be_turned_off(graph, tmp_path, monkeypatch):
+    """The EfficientNet fill traces one frozen graph (not with CLIPKIT_GRAPH_MODE=0, where the lanes
+    equal the eager direct pass to 1e-6, as before graph mode)."""
+    monkeypatch.setattr(fc, "LANE_ROWS", 16)
+    monkeypatch.setenv("CLIPKIT_GRAPH_MODE", "1" if graph else "0")
+    made = []
+    real = fc.graph_mode
+    monkeypatch.setattr(fc, "graph_mode", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    folder = tmp_path / "shards"
+    write_shards(folder, n_shards=N_SHARDS, per_shard=PER_SHARD)
+    data = DataConfig(batch_size=8, workers=0)
+    job = job_for(model_for(EFFNET, 0), 1, 0)
+    rows, want = fill(job, data, folder, lanes=2), direct(job, folder)
+    assert len(made) == 1 and isinstance(made[0], torch.jit.ScriptModule) == graph
+    tol = GRAPH_TOL if graph else 1e-6
+    worst = max(float(np.abs(rows[k] - v).max()) for k, v in want.items())
+    assert worst <= tol and (worst > 0) == graph  # the graph rounds differently; eager does not
+
+
+def test_graph_mode_falls_back_to_the_eager_pass_when_the_graph_disagrees(monkeypatch, caplog):
+    model = model_for(EFFNET, 0).eval()
+    images = torch.rand(4, 3, 64, 64)
+    real_freeze = torch.jit.freeze
+
+    def broken(module):  # a graph whose output is off by 1
+        frozen = real_freeze(module)
+        return lambda x: frozen(x) + 1
+
+    monkeypatch.setattr(torch.jit, "freeze", broken)
+    run = graph_mode(model.tower_features, model.vision, images)
+    assert run == model.tower_features and "disagrees with its eager pass" in caplog.text
+    monkeypatch.setattr(torch.jit, "freeze", lambda m: (_ for _ in ()).throw(RuntimeError("no trace")))
+    assert graph_mode(model.tower_features, model.vision, images) == model.tower_features
+    assert "cannot trace" in caplog.text and "no trace" in caplog.text
+    monkeypatch.undo()
+    # nothing traced for bf16, nor for a tower that trains (its batch norms are not constants)
+    assert graph_mode(model.tower_features, model.vision, images, "bf16") == model.tower_features
+    unlocked = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    assert graph_mode(unlocked, unlocked, images) is unlocked
+    assert isinstance(graph_mode(unlocked, unlocked.eval(), images), torch.jit.ScriptModule)
 
 
 @pytest.mark.parametrize("kind", ["vit", "vit-views"])

@@ -49,12 +49,13 @@ def build(vision: TowerConfig, k: int):
 def stored_hook(model, k: int, stored: torch.Tensor):
     """Make the last block below the top ``k`` layers output ``stored`` (what the cache holds for
     the batch) after checking that its own output rounds to it (float16; the cache's convolutions
-    run channels-last, so an element may land one float16 step away)."""
+    run channels-last, in a frozen graph with the batch norms folded in (``graph_mode``): ~1e-5
+    absolute from the eager pass, so an element may land a float16 step or 2e-5 away)."""
     layers = model.vision.layers()
     block = layers[len(layers) - k - 1].m0  # the one module of that layer (a block)
 
     def swap(module, inputs, out):
-        torch.testing.assert_close(out.detach(), stored, rtol=2**-10, atol=1e-5)
+        torch.testing.assert_close(out.detach(), stored, rtol=2**-10, atol=5e-5)
         return stored
 
     return block.register_forward_hook(swap)

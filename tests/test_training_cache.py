@@ -33,6 +33,13 @@ def model():
     return build_model(cfg)
 
 
+@pytest.fixture(autouse=True)
+def eager_fill(monkeypatch):
+    """CountingTower counts the images of each Python call of the tower; the fill's frozen graph
+    (``clipkit.models.inference.graph_mode``) would call it twice when tracing, then never."""
+    monkeypatch.setenv("CLIPKIT_GRAPH_MODE", "0")
+
+
 class CountingTower:
     """Wraps ``model.tower_features`` to count the images it is given."""
 

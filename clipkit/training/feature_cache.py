@@ -41,6 +41,7 @@ beside the shards::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -60,7 +61,7 @@ from clipkit.data.tario import iter_samples
 from clipkit.data.urls import expand_urls, is_local
 from clipkit.errors import ClipkitError
 from clipkit.models.embed import bf16_support
-from clipkit.models.inference import bulk_inference, cpu_lanes, in_lanes
+from clipkit.models.inference import bulk_inference, cpu_lanes, graph_mode, in_lanes
 from clipkit.training.stream import split_inputs
 
 CACHE_DIRNAME = "_clipkit_cache"
@@ -311,12 +312,18 @@ def _compute(
     model.eval()
     try:
         with bulk_inference(model.vision, job.precision) as prep:
+            first = next(batches, None)
+            if first is None:
+                return found
+            batches = itertools.chain([first], batches)
+
+            def flat(images: torch.Tensor) -> torch.Tensor:  # (b[, views], 3, H, W) -> (b * views, 3, H, W)
+                return prep(images.reshape(-1, *images.shape[-3:]).to(device, non_blocking=True))
+
+            run = graph_mode(job.encode, model.vision, flat(first[1]), job.precision)
 
             def encode(item: tuple[list[str], torch.Tensor]) -> np.ndarray:
-                images = item[1]  # (b, 3, H, W) or (b, views, 3, H, W)
-                flat = images.reshape(-1, *images.shape[-3:])  # (b * views, 3, H, W)
-                flat = flat.to(device, non_blocking=True)
-                return job.encode(prep(flat)).float().cpu().numpy()  # (b * views, *shape)
+                return run(flat(item[1])).float().cpu().numpy()  # (b * views, *shape)
 
             for (keys, _), out in in_lanes(encode, batches, lanes, job.precision, device.type):
                 rows_of = out.reshape(len(keys), views, *out.shape[1:]) if views > 1 else out

@@ -1,0 +1,135 @@
+"""clipkit's training step against open_clip_train's, from the same weights on the same batches.
+
+The oracle is open_clip_train's step written out with open_clip's own pieces: ``CLIP.forward``
+(full-context text), ``open_clip.ClipLoss``, torch's default AdamW over open_clip_train's two
+groups (no decay where ``p.ndim < 2`` or the name holds "bn", "ln", "bias" or "logit_scale"), its
+warmup-cosine learning rate set before each step, ``clip_grad_norm_`` over every parameter, and
+the in-place clamp of ``logit_scale`` to [0, ln 100] after it. clipkit's side is what
+``clipkit train`` runs: its DualEncoder (text cut to the batch's longest caption), loss, AdamW
+groups (fused update), ``LambdaLR`` schedule and clipping. If the two differ, a from-scratch
+benchmark against OpenCLIP compares two recipes, not two implementations of one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import open_clip
+import torch
+from training_helpers import write_shards
+
+from clipkit.config import load_config
+from clipkit.data import build_loader
+from clipkit.losses import build_loss
+from clipkit.models import build_model
+from clipkit.training.optim import build_optimizer, implementation_of
+from clipkit.training.schedule import build_scheduler
+from clipkit.training.stream import split_inputs
+
+ARCH, SIZE, CONTEXT, DIM = "clipkit-tiny-ViT", 32, 32, 32
+LR, WD, WARMUP, STEPS, CLIP = 1e-3, 0.1, 3, 12, 1.0
+
+
+def open_clip_train_decays(name: str, p: torch.Tensor) -> bool:
+    """open_clip_train.main's weight-decay rule (its ``exclude``, negated)."""
+    return not (p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
+
+
+def open_clip_train_lr(step: int) -> float:
+    """open_clip_train.scheduler.cosine_lr at ``step`` (warmup, then cosine to 0)."""
+    if step < WARMUP:
+        return LR * (step + 1) / WARMUP
+    return 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (STEPS - WARMUP))) * LR
+
+
+def without_key_bias(name: str, p: torch.Tensor) -> torch.Tensor:
+    """``p`` without an attention's key bias: softmax ignores it, so its gradient is rounding noise,
+    which AdamW's normalised update turns into steps of ~lr in either direction."""
+    if not name.endswith("attn.in_proj_bias"):
+        return p
+    width = p.shape[0] // 3  # (query, key, value) biases
+    return torch.cat([p[:width], p[2 * width :]])
+
+
+def test_training_steps_equal_open_clip_train_from_the_same_weights(tmp_path):
+    overrides = [
+        f"model.vision.name=open_clip:{ARCH}", f"model.text.name=open_clip:{ARCH}",
+        "model.vision.weights=", "model.text.weights=", "model.vision.locked=false",
+        "model.text.locked=false", f"model.vision.image_size={SIZE}",
+        f"model.text.context_length={CONTEXT}", f"model.embed_dim={DIM}", "model.vision.augment=true",
+        "model.projection=none", "loss.name=clip", f"optim.lr={LR}", f"optim.weight_decay={WD}",
+        "optim.beta1=0.9", "optim.beta2=0.98", "optim.eps=1.0e-06", f"optim.warmup_steps={WARMUP}",
+        "optim.min_lr_ratio=0.0", f"optim.grad_clip={CLIP}", "data.batch_size=16", "data.workers=0",
+        f"data.train={write_shards(tmp_path / 'shards', n_shards=2, per_shard=100)}",
+    ]  # fmt: skip
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    ck = build_model(cfg.model)
+    oc = open_clip.create_model(ARCH, force_image_size=SIZE, force_context_length=CONTEXT)
+    weights = {"visual." + k: v for k, v in ck.vision.model.state_dict().items()}
+    weights |= ck.text.model.state_dict()
+    weights["logit_scale"] = ck.logit_scale.detach().clone()
+    missing, unexpected = oc.load_state_dict(weights, strict=False)
+    assert not missing and not unexpected
+
+    loader = build_loader(cfg.data, cfg.data.train, ck.image_transform(True), ck.tokenize, train=True, seed=0)
+    batches = []
+    for batch in loader:
+        batches.append(split_inputs(batch)[0])
+        if len(batches) == STEPS:
+            break
+    assert len(batches) == STEPS and batches[0]["text"].shape[1] == CONTEXT
+
+    opt = build_optimizer(ck, cfg.model, cfg.optim)
+    sched, loss_fn = build_scheduler(opt, cfg.optim, STEPS), build_loss(cfg.loss)
+    assert implementation_of(opt) == "fused"  # the speed lever is under test too
+    # the same parameters decay on both sides
+    ck_names = {id(p): n for n, p in ck.named_parameters()}
+    decayed = {ck_names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {n for n, p in ck.named_parameters() if open_clip_train_decays(n, p)}
+    named = list(oc.named_parameters())
+    oopt = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if not open_clip_train_decays(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if open_clip_train_decays(n, p)], "weight_decay": WD},
+        ],
+        lr=LR, betas=(0.9, 0.98), eps=1e-6,
+    )  # fmt: skip
+    oloss = open_clip.ClipLoss()
+
+    cut = []
+    ck.text.model.transformer.register_forward_pre_hook(lambda m, args: cut.append(args[0].shape[1]))
+    for step, inputs in enumerate(batches):
+        ck.train()
+        loss = loss_fn(ck(inputs), inputs)["loss"]
+        loss.backward()
+        grad = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], CLIP)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+        oc.train()
+        for group in oopt.param_groups:
+            group["lr"] = open_clip_train_lr(step)
+        image_f, text_f, scale = oc(inputs["image"], inputs["text"])
+        want = oloss(image_f, text_f, scale)
+        want.backward()
+        want_grad = torch.nn.utils.clip_grad_norm_(oc.parameters(), CLIP)
+        oopt.step()
+        oopt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            oc.logit_scale.clamp_(0, math.log(100))
+
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5, msg=f"loss at step {step}")
+        torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-5, msg=f"grad norm at step {step}")
+    # the updates moved the weights, and both sides moved them alike
+    assert (ck.logit_scale - weights["logit_scale"]).abs() > 1e-5
+    pairs = [("visual." + n, p) for n, p in ck.vision.model.named_parameters()]
+    pairs += list(ck.text.model.named_parameters())
+    for name, got in pairs:
+        want = oc.get_parameter(name)
+        torch.testing.assert_close(
+            without_key_bias(name, got), without_key_bias(name, want), rtol=1e-4, atol=2e-6,
+            msg=f"{name} after {STEPS} steps",
+        )  # fmt: skip
+    assert min(cut) < CONTEXT  # clipkit's text ran on the longest caption, not the full context

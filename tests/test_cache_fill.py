@@ -127,7 +127,7 @@ def test_lanes_fill_equals_the_one_lane_fill_and_a_direct_pass(kind, tmp_path, m
 @pytest.mark.parametrize("graph", [True, False])
 def test_graph_mode_runs_the_convolutional_fill_and_can_be_turned_off(graph, tmp_path, monkeypatch):
     """The EfficientNet fill traces one frozen graph (not with CLIPKIT_GRAPH_MODE=0, where the lanes
-    equal the eager direct pass to 1e-6, as before graph mode)."""
+    equal the eager direct pass to 1e-6, as before graph mode; never for a ViT)."""
     monkeypatch.setattr(fc, "LANE_ROWS", 16)
     monkeypatch.setenv("CLIPKIT_GRAPH_MODE", "1" if graph else "0")
     made = []
@@ -142,6 +142,8 @@ def test_graph_mode_runs_the_convolutional_fill_and_can_be_turned_off(graph, tmp
     tol = GRAPH_TOL if graph else 1e-6
     worst = max(float(np.abs(rows[k] - v).max()) for k, v in want.items())
     assert worst <= tol and (worst > 0) == graph  # the graph rounds differently; eager does not
+    vit = fill(job_for(model_for(VIT, 0), 1, 0), data, folder, lanes=2)  # one Conv2d: no graph
+    assert len(made) == 2 and not isinstance(made[1], torch.jit.ScriptModule) and len(vit) == len(want)
 
 
 def test_graph_mode_falls_back_to_the_eager_pass_when_the_graph_disagrees(monkeypatch, caplog):
@@ -162,7 +164,8 @@ def test_graph_mode_falls_back_to_the_eager_pass_when_the_graph_disagrees(monkey
     monkeypatch.undo()
     # nothing traced for bf16, nor for a tower that trains (its batch norms are not constants)
     assert graph_mode(model.tower_features, model.vision, images, "bf16") == model.tower_features
-    unlocked = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    nn = torch.nn
+    unlocked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3)).train()
     assert graph_mode(unlocked, unlocked, images) is unlocked
     assert isinstance(graph_mode(unlocked, unlocked.eval(), images), torch.jit.ScriptModule)
 

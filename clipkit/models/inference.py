@@ -76,8 +76,8 @@ def graph_mode(
     fn: Callable[[Tensor], Tensor], tower: nn.Module, example: Tensor, precision: str = "fp32"
 ) -> Callable[[Tensor], Tensor]:
     """``fn`` (images -> tensor, a pure function of ``tower`` in eval mode) as a frozen TorchScript
-    graph traced on ``example``, where that is safe: a convolutional ``tower`` on a CPU in fp32
-    (see the module docstring). Elsewhere, or when tracing fails or its output on ``example``
+    graph traced on ``example``, where that is safe and pays: a convolutional ``tower`` (more than
+    one Conv2d, as ``clipkit.models.embed.convolutional``) on a CPU in fp32 (module docstring). Elsewhere, or when tracing fails or its output on ``example``
     differs from ``fn``'s beyond ``GRAPH_CHECK_TOL``, ``fn`` itself. The image size is fixed by
     ``example`` (timm's "same" padding is traced for it); other batch sizes are fine."""
     if (
@@ -85,7 +85,7 @@ def graph_mode(
         or example.device.type != "cpu"
         or example.dim() != 4
         or tower.training
-        or not has_conv2d(tower)
+        or sum(isinstance(m, nn.Conv2d) for m in tower.modules()) < 2  # a CNN, not a ViT's patch embedding
         or not graph_mode_enabled()
     ):
         return fn

@@ -30,7 +30,10 @@ beside the shards::
   one single-threaded pass per torch thread on ``LANE_ROWS`` images at a time
   (``clipkit.models.inference.in_lanes``) instead of one pass split over all threads; captions
   are not tokenized. A key's features do not depend on the lanes (``LANE_ROWS``), so caches
-  filled before lanes stay valid under the same fingerprint. A bf16 fill reports whether the
+  filled before lanes stay valid under the same fingerprint. A CNN tower's fp32 pass runs as a
+  frozen TorchScript graph traced on the first batch of each group of ``FLUSH_ROWS``
+  (``clipkit.models.inference.graph_mode``: batch norms folded, ~1e-5 from the eager pass, far
+  under float16's rounding), so the fingerprint stays too. A bf16 fill reports whether the
   CPU computes in bf16 or only emulates it (``clipkit.models.embed.bf16_support``).
 - Writes are atomic and ordered: a part file first, then ``keys.json`` naming it. A build is
   saved every ``FLUSH_ROWS`` new rows, so a killed build keeps what it had saved. If the shard

@@ -20,7 +20,8 @@ standard error, sqrt(s_a^2/n + s_b^2/n): |z| >= 2 is a difference beyond seed no
 The distillation rows need a teacher: a CLIP model of the same architecture trained first with
 twice the budget and all MiniLM layers unlocked (seed 100; its scores are listed as well).
 Results per run go to ``--out`` as JSON, so an interrupted benchmark continues where it
-stopped. The table page is printed and written to ``--out``/objectives.md; ``--record`` also
+stopped. Run folders go to ``--out`` too, under ``<recipe stem>/`` for a ``--recipe`` with its
+own data (``placed``), so two recipes never share one. The table page is printed and written to ``--out``/objectives.md; ``--record`` also
 writes it to ``benchmarks/objectives.md`` (tracked). The reading of the figures is hand-written in
 ``benchmarks/objectives_analysis.md``, which this script never writes. Exit status 1 when a run
 failed (the table has no targets).
@@ -134,6 +135,16 @@ def common_overrides(args: argparse.Namespace, emoji: Path, seed: int, name: str
         "optim.warmup_steps=10",
         f"train.threads={args.threads}",
     ]
+
+
+def placed(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """``overrides`` with the run folder under ``<out>/<recipe stem>/`` for a recipe with its own
+    data, so two recipes' runs of one row and seed never share a folder (nor restart each other's).
+    Applied after ``run_key``: the keys, and so the results already recorded, stay as they were."""
+    if not own_data(args):
+        return overrides
+    folder = f"train.output_dir={args.out}"
+    return [f"train.output_dir={args.out / Path(args.recipe).stem}" if o == folder else o for o in overrides]
 
 
 def run_key(overrides: list[str], recipe: Path = RECIPE) -> str:
@@ -260,7 +271,7 @@ def train_teacher(args: argparse.Namespace, emoji: Path, feats: tuple, wanted: l
     t_ov = common_overrides(args, emoji, 100, "teacher")
     t_ov += [f"train.samples={2 * args.samples}", "model.text.unlocked_layers=7", "loss.name=clip"]
     t_json = args.out / f"teacher-{run_key(t_ov, args.recipe)}.json"
-    t_res = train_and_score(t_ov, t_json, feats, keep=True, recipe=args.recipe)
+    t_res = train_and_score(placed(args, t_ov), t_json, feats, keep=True, recipe=args.recipe)
     teacher = t_res["run_dir"]
     print(f"[objectives] teacher {teacher}: top-1 {t_res['zs_top1']:.3f}, R@1 {t_res['r1']:.3f}", flush=True)
     return teacher
@@ -281,7 +292,7 @@ def run_rows(
             ov += [o.replace("{teacher}", teacher).replace("{n}", str(n_train)) for o in row_ov]
             try:
                 res = train_and_score(
-                    ov,
+                    placed(args, ov),
                     args.out / f"{name}-s{seed}-{run_key(ov, args.recipe)}.json",
                     feats,
                     recipe=args.recipe,

@@ -337,3 +337,8 @@ def test_objectives_recipe_keeps_its_own_data_and_its_own_keys():
     assert bench.run_key(ov_default, mix.recipe) != bench.run_key(ov_default)
     cfg = load_config(mix.recipe, ov_mix)
     assert cfg.data.train == "data/emoji/train::data/openclipart/train" and not cfg.data.val
+    # each recipe trains in a folder of its own; the default recipe's runs stay where they were
+    assert bench.placed(default, ov_default) == ov_default
+    placed = bench.placed(mix, ov_mix)
+    assert f"train.output_dir={mix.out / 'lit_mix'}" in placed and f"train.output_dir={mix.out}" in ov_mix
+    assert [o for o in placed if "output_dir" not in o] == [o for o in ov_mix if "output_dir" not in o]

@@ -29,6 +29,69 @@ import _record
 TARGET = 1e-4  # largest |loss difference| over the steps
 
 
+def open_clip_twin(model, arch: str, image_size: int, context: int):
+    """open_clip's ``CLIP`` for ``arch`` holding the weights of clipkit's DualEncoder ``model``
+    (whose towers are open_clip's modules). Raises when they do not map one to one."""
+    import open_clip
+
+    twin = open_clip.create_model(arch, force_image_size=image_size, force_context_length=context)
+    weights = {"visual." + k: v for k, v in model.vision.model.state_dict().items()}
+    weights |= model.text.model.state_dict()
+    weights["logit_scale"] = model.logit_scale.detach().clone()
+    missing, unexpected = twin.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"the towers do not map onto open_clip's CLIP: missing {missing}, unexpected {unexpected}"
+        )
+    return twin
+
+
+def open_clip_train_decays(name: str, p) -> bool:
+    """open_clip_train.main's weight-decay rule (its ``exclude``, negated)."""
+    return not (p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
+
+
+class OpenClipTrainStep:
+    """open_clip_train's training step, written out with open_clip's own pieces: ``CLIP.forward``
+    (full-context text), ``open_clip.ClipLoss``, torch's default AdamW over its two groups, its
+    warmup-cosine lr (``open_clip_train.scheduler.cosine_lr``) set before the step,
+    ``clip_grad_norm_`` over every parameter, then the in-place clamp of ``logit_scale``."""
+
+    def __init__(self, model, lr: float, weight_decay: float, warmup: int, total: int, clip: float = 1.0):
+        import open_clip
+        import torch
+
+        named = list(model.named_parameters())
+        groups = [
+            {"params": [p for n, p in named if not open_clip_train_decays(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if open_clip_train_decays(n, p)], "weight_decay": weight_decay},
+        ]
+        self.model, self.loss = model, open_clip.ClipLoss()
+        self.opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+        self.lr, self.warmup, self.total, self.clip = lr, warmup, total, clip
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - self.warmup) / (self.total - self.warmup))) * self.lr
+
+    def __call__(self, step: int, images, text):
+        """One update on the batch; returns (loss, gradient norm before clipping)."""
+        import torch
+
+        self.model.train()
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(step)
+        loss = self.loss(*self.model(images, text))
+        loss.backward()
+        grad = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+        return loss.detach(), grad
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="ViT-S-32-alt")
@@ -51,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import open_clip
     import torch
 
     from clipkit.config import load_config
@@ -85,13 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     torch.manual_seed(opts.seed)
     ck = build_model(cfg.model)
-    oc = open_clip.create_model(a, force_image_size=opts.image_size, force_context_length=opts.context)
-    weights = {"visual." + k: v for k, v in ck.vision.model.state_dict().items()}
-    weights |= ck.text.model.state_dict()
-    weights["logit_scale"] = ck.logit_scale.detach().clone()
-    missing, unexpected = oc.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        print(f"the towers do not map onto open_clip's CLIP: missing {missing}, unexpected {unexpected}")
+    try:
+        oc = open_clip_twin(ck, a, opts.image_size, opts.context)
+    except ValueError as err:
+        print(err)
         return 2
     loader = build_loader(
         cfg.data, cfg.data.train, ck.image_transform(True), ck.tokenize, train=True, seed=opts.seed
@@ -99,23 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = build_optimizer(ck, cfg.model, cfg.optim)
     sched, loss_fn = build_scheduler(opt, cfg.optim, opts.total_steps), build_loss(cfg.loss)
 
-    def decays(name: str, q: torch.Tensor) -> bool:  # open_clip_train.main's rule
-        return not (q.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
-
-    named = list(oc.named_parameters())
-    oopt = torch.optim.AdamW(
-        [
-            {"params": [q for n, q in named if not decays(n, q)], "weight_decay": 0.0},
-            {"params": [q for n, q in named if decays(n, q)], "weight_decay": 0.1},
-        ],
-        lr=lr, betas=(0.9, 0.98), eps=1e-6,
-    )  # fmt: skip
-    oloss = open_clip.ClipLoss()
-
-    def oc_lr(step: int) -> float:  # open_clip_train.scheduler.cosine_lr
-        if step < opts.warmup:
-            return lr * (step + 1) / opts.warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - opts.warmup) / (opts.total_steps - opts.warmup))) * lr
+    oc_step = OpenClipTrainStep(oc, lr, 0.1, opts.warmup, opts.total_steps)
 
     lines = [
         (
@@ -140,17 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        oc.train()
-        for group in oopt.param_groups:
-            group["lr"] = oc_lr(step)
-        image_f, text_f, scale = oc(inputs["image"], inputs["text"])
-        want = oloss(image_f, text_f, scale)
-        want.backward()
-        want_grad = torch.nn.utils.clip_grad_norm_(oc.parameters(), 1.0)
-        oopt.step()
-        oopt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            oc.logit_scale.clamp_(0, math.log(100))
+        want, want_grad = oc_step(step, inputs["image"], inputs["text"])
         dw = max(
             (x - y).abs().max().item() for x, y in zip(ck.vision.model.parameters(), oc.visual.parameters())
         )

@@ -1,10 +1,11 @@
 """clipkit's training step against open_clip_train's, from the same weights on the same batches.
 
-The oracle is open_clip_train's step written out with open_clip's own pieces: ``CLIP.forward``
-(full-context text), ``open_clip.ClipLoss``, torch's default AdamW over open_clip_train's two
-groups (no decay where ``p.ndim < 2`` or the name holds "bn", "ln", "bias" or "logit_scale"), its
-warmup-cosine learning rate set before each step, ``clip_grad_norm_`` over every parameter, and
-the in-place clamp of ``logit_scale`` to [0, ln 100] after it. clipkit's side is what
+The oracle is open_clip_train's step written out with open_clip's own pieces
+(``OpenClipTrainStep`` in benchmarks/step_parity.py, which runs the same comparison on
+ViT-S-32-alt): ``CLIP.forward`` (full-context text), ``open_clip.ClipLoss``, torch's default
+AdamW over open_clip_train's two groups (no decay where ``p.ndim < 2`` or the name holds "bn",
+"ln", "bias" or "logit_scale"), its warmup-cosine learning rate set before each step,
+``clip_grad_norm_`` over every parameter, and the in-place clamp of ``logit_scale`` to [0, ln 100]. clipkit's side is what
 ``clipkit train`` runs: its DualEncoder (text cut to the batch's longest caption), loss, AdamW
 groups (fused update), ``LambdaLR`` schedule and clipping. If the two differ, a from-scratch
 benchmark against OpenCLIP compares two recipes, not two implementations of one.
@@ -12,9 +13,11 @@ benchmark against OpenCLIP compares two recipes, not two implementations of one.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
-import open_clip
+import pytest
 import torch
 from training_helpers import write_shards
 
@@ -30,16 +33,13 @@ ARCH, SIZE, CONTEXT, DIM = "clipkit-tiny-ViT", 32, 32, 32
 LR, WD, WARMUP, STEPS, CLIP = 1e-3, 0.1, 3, 12, 1.0
 
 
-def open_clip_train_decays(name: str, p: torch.Tensor) -> bool:
-    """open_clip_train.main's weight-decay rule (its ``exclude``, negated)."""
-    return not (p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
-
-
-def open_clip_train_lr(step: int) -> float:
-    """open_clip_train.scheduler.cosine_lr at ``step`` (warmup, then cosine to 0)."""
-    if step < WARMUP:
-        return LR * (step + 1) / WARMUP
-    return 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (STEPS - WARMUP))) * LR
+def step_parity():
+    """benchmarks/step_parity.py as a module (its open_clip_train oracle)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_parity.py"
+    spec = importlib.util.spec_from_file_location("bench_step_parity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def without_key_bias(name: str, p: torch.Tensor) -> torch.Tensor:
@@ -65,13 +65,9 @@ def test_training_steps_equal_open_clip_train_from_the_same_weights(tmp_path):
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
     ck = build_model(cfg.model)
-    oc = open_clip.create_model(ARCH, force_image_size=SIZE, force_context_length=CONTEXT)
-    weights = {"visual." + k: v for k, v in ck.vision.model.state_dict().items()}
-    weights |= ck.text.model.state_dict()
-    weights["logit_scale"] = ck.logit_scale.detach().clone()
-    missing, unexpected = oc.load_state_dict(weights, strict=False)
-    assert not missing and not unexpected
-
+    bench = step_parity()
+    oc = bench.open_clip_twin(ck, ARCH, SIZE, CONTEXT)
+    start_scale = ck.logit_scale.detach().clone()
     loader = build_loader(cfg.data, cfg.data.train, ck.image_transform(True), ck.tokenize, train=True, seed=0)
     batches = []
     for batch in loader:
@@ -86,16 +82,11 @@ def test_training_steps_equal_open_clip_train_from_the_same_weights(tmp_path):
     # the same parameters decay on both sides
     ck_names = {id(p): n for n, p in ck.named_parameters()}
     decayed = {ck_names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert decayed == {n for n, p in ck.named_parameters() if open_clip_train_decays(n, p)}
-    named = list(oc.named_parameters())
-    oopt = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in named if not open_clip_train_decays(n, p)], "weight_decay": 0.0},
-            {"params": [p for n, p in named if open_clip_train_decays(n, p)], "weight_decay": WD},
-        ],
-        lr=LR, betas=(0.9, 0.98), eps=1e-6,
-    )  # fmt: skip
-    oloss = open_clip.ClipLoss()
+    assert decayed == {n for n, p in ck.named_parameters() if bench.open_clip_train_decays(n, p)}
+    oc_step = bench.OpenClipTrainStep(oc, LR, WD, WARMUP, STEPS, CLIP)
+    assert [oc_step.lr_at(s) for s in (0, WARMUP - 1, STEPS - 1)] == pytest.approx(
+        [LR / WARMUP, LR, 0.5 * (1 + math.cos(math.pi * (STEPS - 1 - WARMUP) / (STEPS - WARMUP))) * LR]
+    )
 
     cut = []
     ck.text.model.transformer.register_forward_pre_hook(lambda m, args: cut.append(args[0].shape[1]))
@@ -108,22 +99,12 @@ def test_training_steps_equal_open_clip_train_from_the_same_weights(tmp_path):
         sched.step()
         opt.zero_grad(set_to_none=True)
 
-        oc.train()
-        for group in oopt.param_groups:
-            group["lr"] = open_clip_train_lr(step)
-        image_f, text_f, scale = oc(inputs["image"], inputs["text"])
-        want = oloss(image_f, text_f, scale)
-        want.backward()
-        want_grad = torch.nn.utils.clip_grad_norm_(oc.parameters(), CLIP)
-        oopt.step()
-        oopt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            oc.logit_scale.clamp_(0, math.log(100))
+        want, want_grad = oc_step(step, inputs["image"], inputs["text"])
 
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5, msg=f"loss at step {step}")
         torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-5, msg=f"grad norm at step {step}")
     # the updates moved the weights, and both sides moved them alike
-    assert (ck.logit_scale - weights["logit_scale"]).abs() > 1e-5
+    assert (ck.logit_scale - start_scale).abs() > 1e-5
     pairs = [("visual." + n, p) for n, p in ck.vision.model.named_parameters()]
     pairs += list(ck.text.model.named_parameters())
     for name, got in pairs:

@@ -308,3 +308,43 @@ def test_cpu_lanes_give_the_one_pass_embeddings_bit_for_bit(tmp_path):
     assert two.keys == one.keys
     assert torch.equal(two.image_emb, one.image_emb)
     assert torch.equal(two.labels, one.labels)
+
+
+def test_tower_cache_and_training_eval_features_run_in_lanes_bit_for_bit(tmp_path):
+    """The eval tower cache's fill and the training-time evaluation's feature pass run a CNN tower
+    in lanes too (``clipkit.evaluation.embed.image_rows``): with 2 torch threads the tower sees
+    chunks of 16 + 24 from a batch of 40 on ``clipkit-lane`` threads, and the features equal the
+    one-thread pass's bit for bit."""
+    from clipkit.evaluation import tower_cache
+    from clipkit.evaluation.distributed import Ranks
+    from clipkit.training.evaluate import feature_set
+
+    cfg = load_config(None, TOWER)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    ds = open_dataset(str(wds_classification(tmp_path / "cls", n=70, per_shard=20)))
+    seen: list[tuple[str, int]] = []
+    model.vision.register_forward_pre_hook(
+        lambda _m, args: seen.append((threading.current_thread().name, len(args[0])))
+    )
+
+    def passes() -> tuple[dict, list]:
+        cached = tower_cache._compute(model, model, ds, 40, 0)
+        features = feature_set(model, ds, Ranks(), 40, 0, "t")
+        return cached, [(s["key"], s["image"]) for s in features.samples]
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_set = passes()
+        assert {name for name, _ in seen} == {threading.main_thread().name}
+        seen.clear()
+        torch.set_num_threads(2)
+        two, two_set = passes()
+    finally:
+        torch.set_num_threads(before)
+    assert {name.split("_")[0] for name, _ in seen} == {"clipkit-lane"}
+    assert sorted(n for _, n in seen) == [16, 16, 24, 24, 30, 30]  # both passes: 40 = 16 + 24, then 30
+    assert two["keys"] == one["keys"] and torch.equal(two["features"], one["features"])
+    assert [k for k, _ in two_set] == [k for k, _ in one_set]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(two_set, one_set, strict=True))

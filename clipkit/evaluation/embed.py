@@ -64,30 +64,41 @@ def _lane_chunks(
             yield batch, n_chunks - 1 - i, images[i * rows : end]
 
 
-def _image_rows(
-    model: Any, batches: Iterable[dict[str, Any]], prep: Any, device: torch.device, precision: str
+def image_rows(
+    module: Any,
+    batches: Iterable[dict[str, Any]],
+    encode: Any,
+    device: torch.device,
+    precision: str = "fp32",
 ) -> Iterable[tuple[dict[str, Any], torch.Tensor]]:
-    """(batch, its image embeddings) in order. A convolutional image side on a CPU with several
-    torch threads runs ``LANE_ROWS`` images per call in one lane per thread, each call on one
-    thread (bit-identical embeddings, more images/s); any other runs each batch whole."""
-    module = image_module(model)
+    """(batch, ``encode(its images)``) in order. When ``module`` (what ``encode`` runs the images
+    through) is convolutional and the device a CPU with several torch threads, ``LANE_ROWS``
+    images per call run in one lane per thread, each call on one thread (bit-identical rows,
+    more images/s); otherwise each batch runs whole. ``encode`` returns CPU tensors."""
     lanes = cpu_lanes(device) if module is not None and convolutional(module) else 1
     if lanes <= 1:
         for batch in batches:
-            yield batch, encode_images(model, prep(batch["image"]), device).float().cpu()
+            yield batch, encode(batch["image"])
         return
-
-    def encode(item: tuple[dict[str, Any], int, torch.Tensor]) -> torch.Tensor:
-        return encode_images(model, prep(item[2]), device).float().cpu()
-
     done: list[torch.Tensor] = []
     for (batch, left, _), rows in in_lanes(
-        encode, _lane_chunks(batches, LANE_ROWS), lanes, precision, device.type
+        lambda item: encode(item[2]), _lane_chunks(batches, LANE_ROWS), lanes, precision, device.type
     ):
         done.append(rows)
         if left == 0:
             yield batch, torch.cat(done)
             done = []
+
+
+def _image_rows(
+    model: Any, batches: Iterable[dict[str, Any]], prep: Any, device: torch.device, precision: str
+) -> Iterable[tuple[dict[str, Any], torch.Tensor]]:
+    """(batch, its image embeddings) in order, through ``image_rows`` (lanes for a CNN on a CPU)."""
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return encode_images(model, prep(images), device).float().cpu()
+
+    return image_rows(image_module(model), batches, encode, device, precision)
 
 
 def _rank_part(

@@ -64,11 +64,18 @@ def cache_key(model: Any, inner: Any, dataset: Any, batch_size: int) -> str:
 
 
 def _compute(model: Any, inner: Any, dataset: Any, batch_size: int, num_workers: int) -> dict[str, Any]:
+    from clipkit.evaluation.embed import image_rows
+
     device = model_device(inner)
     feats, keys, labels, captions = [], [], [], []
     with eval_mode(inner), image_inference(model) as prep:
-        for batch in image_batches(model, dataset, batch_size, num_workers):
-            feats.append(inner.tower_features(prep(batch["image"]).to(device)).float().cpu())  # (B, F)
+        batches = image_batches(model, dataset, batch_size, num_workers)
+
+        def encode(images: torch.Tensor) -> torch.Tensor:  # (B, F); CPU lanes for a CNN tower
+            return inner.tower_features(prep(images).to(device)).float().cpu()
+
+        for batch, rows in image_rows(inner.vision, batches, encode, device):
+            feats.append(rows)
             order = [o if o is not None else (0, len(keys) + i) for i, o in enumerate(batch["order"])]
             keys += [(o, k) for o, k in zip(order, batch["key"], strict=True)]
             if "label" in batch:

@@ -235,13 +235,18 @@ def feature_set(
 ) -> FeatureSet:
     """The vision tower's outputs for this rank's share of ``dataset``, in the batches of a plain
     pass (so the numbers are those of ``encode_image(image=...)``), kept on the CPU."""
+    from clipkit.evaluation.embed import image_rows
     from clipkit.models.embed import eval_mode, image_batches, image_inference, model_device
 
     source = dataset.shard(ranks.rank, ranks.world) if ranks.world > 1 else dataset
     device, samples = model_device(model), []
     with eval_mode(model), image_inference(model) as prep:  # the layout of clipkit eval's pass
-        for batch in image_batches(model, source, batch_size, workers):
-            feats = model.tower_features(prep(batch["image"]).to(device)).cpu()  # (B, F)
+        batches = image_batches(model, source, batch_size, workers)
+
+        def encode(images: Tensor) -> Tensor:  # (B, F); CPU lanes for a CNN tower, as clipkit eval
+            return model.tower_features(prep(images).to(device)).cpu()
+
+        for batch, feats in image_rows(model.vision, batches, encode, device):
             for i, key in enumerate(batch["key"]):
                 sample = {"image": feats[i].clone(), "key": key, "order": batch["order"][i]}  # own storage
                 if "label" in batch:

@@ -328,3 +328,91 @@ def test_png_source_bytes_are_validated_and_bombs_refused(tmp_path):
         process_image(noise_png((50, 40)), ImageOptions(max_pixels=1000))
     assert err.value.kind == "image_too_large"
     assert photo().size == (320, 240)
+
+
+# ---------------------------------------------------------------------------- one writer per folder
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds ``folder``'s write lock until its stdin closes."""
+    code = textwrap.dedent(f"""
+        import sys
+        from clipkit.data.atomic import folder_lock
+        with folder_lock({str(folder)!r}, "holder"):
+            print("held", flush=True)
+            sys.stdin.read()
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_build_into_a_folder_another_build_writes_stops_and_names_it(folder, tmp_path, capsys):
+    from clipkit.data.atomic import WRITE_LOCK, FolderBusyError
+
+    out = tmp_path / "out"
+    opts = {"shard_size": 3, "image": ImageOptions(max_side=64)}
+    build(folder, out, **opts)
+    before = _files(out)
+    holder = _hold_lock(out)
+    try:
+        with pytest.raises(
+            FolderBusyError, match=rf"another clipkit process \(pid {holder.pid}\) is writing {out}"
+        ):
+            build(folder, out, **opts)
+        assert _files(out) == before  # the refused build cleared nothing
+        assert cli(["data", "build", str(folder), "--out", str(out), "--shard-size", "3"]) == 2
+        assert f"is writing {out}" in capsys.readouterr().err
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert not (out / WRITE_LOCK).exists()  # released: removed by its holder
+    assert build(folder, out, **opts)["ok"] == 7 and _files(out) == before
+    assert not (out / WRITE_LOCK).exists()
+
+
+def test_a_killed_holder_leaves_no_lock_behind(folder, tmp_path):
+    from clipkit.data.atomic import WRITE_LOCK
+
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    holder.kill()
+    holder.wait(timeout=30)
+    assert (out / WRITE_LOCK).exists()  # its file stays, its lock does not
+    assert build(folder, out, shard_size=3, image=ImageOptions(max_side=64))["ok"] == 7
+    assert not (out / WRITE_LOCK).exists()
+
+
+def test_two_bundled_builds_of_one_folder_run_one_after_the_other(tmp_path, monkeypatch, capsys):
+    """``make demo`` beside ``make test``: both build data/<source> when it is missing. The second
+    waits for the first and keeps its build, instead of clearing the files it is writing."""
+    import threading
+
+    from clipkit.data.builders import BUILDERS, run_builder
+
+    spans, lock = [], threading.Lock()
+
+    def fake(out_dir):
+        done = Path(out_dir) / "complete"
+        start = time.monotonic()
+        if not done.exists():
+            time.sleep(0.5)
+            done.write_text("built")
+        with lock:
+            spans.append((start, time.monotonic()))
+        return {"ok": 1}
+
+    monkeypatch.setitem(BUILDERS._items, "fake-source", fake)
+    out = tmp_path / "fake"
+    threads = [threading.Thread(target=run_builder, args=("fake-source", out)) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join(timeout=30)
+    (_s0, e0), (s1, e1) = sorted(spans)
+    assert e0 <= s1, f"the two builds overlapped: {spans}"
+    assert e1 - s1 < 0.3  # the second found the first's complete build and kept it
+    assert f"is writing {out}; waiting for it to end" in capsys.readouterr().err

@@ -166,12 +166,12 @@ def _print_shard(info: dict) -> None:
 def _run_bundled(args: argparse.Namespace) -> int:
     """``clipkit data build NAME --out DIR``: the builder registered as NAME in data_tools/."""
     import data_tools
-    from clipkit.data.builders import BUILDERS
+    from clipkit.data.builders import BUILDERS, run_builder
     from clipkit.registry import UnknownNameError
 
     data_tools.load_builders()
     try:
-        build = BUILDERS.get(args.source)
+        BUILDERS.get(args.source)
     except UnknownNameError as e:
         raise ClipkitError(
             f"source '{args.source}' is not a folder, a file or a bundled source: {e}"
@@ -181,7 +181,7 @@ def _run_bundled(args: argparse.Namespace) -> int:
         raise ClipkitError(
             f"bundled source '{args.source}' takes only --out, not --{given[0].replace('_', '-')}"
         )
-    counts = build(args.out)
+    counts = run_builder(args.source, args.out)
     print(json.dumps({"source": args.source, "out": args.out, "counts": counts}, indent=2))
     return 0
 

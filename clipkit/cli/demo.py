@@ -138,17 +138,17 @@ def relocate(spec: str, data_root: Path) -> str:
 def build_data(data_root: Path, extra: list[str] | tuple[str, ...] = ()) -> tuple[Path, Path]:
     """Build emoji and Animal-MNIST (the demo's scores read them) and the ``extra`` bundled
     sources a recipe trains on (``openclipart``), each into data_root/<name with '_'>."""
-    from clipkit.data.builders import BUILDERS
-    from data_tools import build_animal_mnist, build_emoji, load_builders
+    from clipkit.data.builders import run_builder
+    from data_tools import load_builders
 
+    load_builders()
     emoji, animals = data_root / "emoji", data_root / "animal_mnist"
     print(f"[1/4] data: emoji shards -> {emoji}, Animal-MNIST -> {animals}", flush=True)
-    print(f"      emoji: {build_emoji.build(emoji)}", flush=True)
-    print(f"      animal-mnist: {build_animal_mnist.build(animals)}", flush=True)
-    load_builders()
+    print(f"      emoji: {run_builder('emoji', emoji)}", flush=True)
+    print(f"      animal-mnist: {run_builder('animal-mnist', animals)}", flush=True)
     for name in [n for n in extra if n not in ("emoji", "animal-mnist")]:
         out, t0 = data_root / name.replace("-", "_"), time.perf_counter()
-        counts = BUILDERS.get(name)(out)
+        counts = run_builder(name, out)
         print(f"      {name} -> {out}: {counts} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return emoji, animals
 

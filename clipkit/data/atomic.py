@@ -6,6 +6,9 @@ final name, then fsyncs the directory so the rename itself survives a power cut.
 killed half-way leaves at most a ``.<name>.<random>.tmp`` file, which no glob for the final
 name matches.
 
+Two writers of one folder would still clear each other's files: ``folder_lock`` lets one
+process at a time write a folder (``clipkit data build``).
+
     with atomic_open("ckpt/step_00000100.pt") as f:   # e.g. torch.save(state, f)
         ...
     atomic_write_text("runs/x/metrics.json", json.dumps(m))
@@ -14,11 +17,16 @@ name matches.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+from clipkit.errors import ClipkitError
+
+WRITE_LOCK = ".clipkit-write.lock"
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -70,3 +78,71 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` as UTF-8, atomically (see module docstring)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class FolderBusyError(ClipkitError):
+    """Another process holds the write lock of a folder."""
+
+
+def _holder(fd: int) -> str:
+    pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
+
+
+@contextlib.contextmanager
+def folder_lock(
+    folder: str | os.PathLike[str],
+    what: str,
+    *,
+    wait: bool = False,
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """Let one process at a time write ``folder``: hold an exclusive ``flock`` on its
+    ``.clipkit-write.lock``, which holds the holder's pid and is removed on release.
+
+    Another holder is a ``FolderBusyError`` naming the folder, or, with ``wait``, a wait for it to
+    end (``on_wait`` gets a message first). The kernel drops the lock of a killed process, so a
+    crash never leaves the folder locked (its stale file is taken over).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / WRITE_LOCK
+    told = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            if not wait:
+                os.close(fd)
+                raise FolderBusyError(
+                    f"{what}: another clipkit process{holder} is writing {folder}; wait for it to end "
+                    "(or stop it), or write to another folder"
+                ) from None
+            if on_wait is not None and not told:
+                on_wait(f"{what}: another clipkit process{holder} is writing {folder}; waiting for it to end")
+                told = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        # The holder before us removes the file when it lets go: a lock on that removed file
+        # guards nothing, so take the lock again on the file that is there now.
+        if _same_file(fd, path):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)

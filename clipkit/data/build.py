@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipkit.data.atomic import atomic_write_bytes, atomic_write_text
+from clipkit.data.atomic import atomic_write_bytes, atomic_write_text, folder_lock
 from clipkit.data.captions import CaptionRules, usable_captions
 from clipkit.data.decode import SampleError
 from clipkit.data.download import Fetcher, FetchError
@@ -364,6 +364,18 @@ def build_shards(
 ) -> dict[str, Any]:
     """Write the shards of ``items`` into ``out_dir``; returns the ``_stats.json`` content."""
     out, start = Path(out_dir), time.time()
+    with folder_lock(out, f"clipkit data build --out {out}"):
+        return _build_shards(items, out, opts, source, progress, start)
+
+
+def _build_shards(
+    items: Iterable[SourceItem],
+    out: Path,
+    opts: BuildOptions,
+    source: str,
+    progress: Callable[[dict], None] | None,
+    start: float,
+) -> dict[str, Any]:
     prepare_output(out, opts, source)
     run = BuildState(out, opts, progress)
     last = -1

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipkit.data.atomic import folder_lock
 from clipkit.data.build import (
     BuildOptions,
     BuildState,
@@ -171,10 +172,11 @@ def build_shards_ray(
     """``clipkit.data.build.build_shards`` on a Ray cluster (``ray_cluster(address)``); returns the
     ``_stats.json`` content. ``window``: shards open at once (default twice the cluster's CPUs)."""
     out, start = Path(out_dir), time.time()
-    prepare_output(out, opts, source)
-    state = BuildState(out, opts, progress)
-    with ray_cluster(address) as ray:
-        window = window or max(2, int(2 * cluster_resource(ray, "CPU")))
-        last = _Driver(ray, out, opts, state, window).run(source_chunks(items, opts.shard_size))
-    remove_temporaries(out, opts.prefix)  # left by workers that died while writing
-    return finish_build(out, opts, last, source, time.time() - start)
+    with folder_lock(out, f"clipkit data build --engine ray --out {out}"):
+        prepare_output(out, opts, source)
+        state = BuildState(out, opts, progress)
+        with ray_cluster(address) as ray:
+            window = window or max(2, int(2 * cluster_resource(ray, "CPU")))
+            last = _Driver(ray, out, opts, state, window).run(source_chunks(items, opts.shard_size))
+        remove_temporaries(out, opts.prefix)  # left by workers that died while writing
+        return finish_build(out, opts, last, source, time.time() - start)

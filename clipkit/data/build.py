@@ -363,9 +363,9 @@ def build_shards(
     progress: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     """Write the shards of ``items`` into ``out_dir``; returns the ``_stats.json`` content."""
-    out, start = Path(out_dir), time.time()
+    out = Path(out_dir)
     with folder_lock(out, f"clipkit data build --out {out}"):
-        return _build_shards(items, out, opts, source, progress, start)
+        return _build_shards(items, out, opts, source, progress)
 
 
 def _build_shards(
@@ -374,8 +374,8 @@ def _build_shards(
     opts: BuildOptions,
     source: str,
     progress: Callable[[dict], None] | None,
-    start: float,
 ) -> dict[str, Any]:
+    start = time.time()
     prepare_output(out, opts, source)
     run = BuildState(out, opts, progress)
     last = -1

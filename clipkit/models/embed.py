@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkit.errors import ClipkitError
-from clipkit.models.inference import PRECISIONS, bulk_inference
+from clipkit.models.inference import PRECISIONS, bulk_inference, convolutional
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 matmul on x86
 
@@ -242,12 +242,6 @@ def image_module(model: Any) -> nn.Module | None:
             return None
     vision = getattr(model, "vision", None)
     return vision if isinstance(vision, nn.Module) else None
-
-
-def convolutional(module: nn.Module) -> bool:
-    """More than one Conv2d: a CNN. A ViT's only convolution is its patch embedding, where
-    channels-last buys nothing and would change its numbers for nothing."""
-    return sum(isinstance(m, nn.Conv2d) for m in module.modules()) > 1
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:

@@ -56,6 +56,12 @@ def has_conv2d(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
+def convolutional(module: nn.Module) -> bool:
+    """More than one Conv2d: a CNN. A ViT's only convolution is its patch embedding, where
+    channels-last buys nothing and would change its numbers for nothing."""
+    return sum(isinstance(m, nn.Conv2d) for m in module.modules()) > 1
+
+
 class _TowerFn(nn.Module):
     """``fn`` as a module that owns ``tower``, so tracing sees the tower's weights as its own."""
 
@@ -76,8 +82,8 @@ def graph_mode(
     fn: Callable[[Tensor], Tensor], tower: nn.Module, example: Tensor, precision: str = "fp32"
 ) -> Callable[[Tensor], Tensor]:
     """``fn`` (images -> tensor, a pure function of ``tower`` in eval mode) as a frozen TorchScript
-    graph traced on ``example``, where that is safe and pays: a convolutional ``tower`` (more than
-    one Conv2d, as ``clipkit.models.embed.convolutional``) on a CPU in fp32 (module docstring). Elsewhere, or when tracing fails or its output on ``example``
+    graph traced on ``example``, where that is safe and pays: a ``convolutional`` tower on a CPU
+    in fp32 (module docstring). Elsewhere, or when tracing fails or its output on ``example``
     differs from ``fn``'s beyond ``GRAPH_CHECK_TOL``, ``fn`` itself. The image size is fixed by
     ``example`` (timm's "same" padding is traced for it); other batch sizes are fine."""
     if (
@@ -85,7 +91,7 @@ def graph_mode(
         or example.device.type != "cpu"
         or example.dim() != 4
         or tower.training
-        or sum(isinstance(m, nn.Conv2d) for m in tower.modules()) < 2  # a CNN, not a ViT's patch embedding
+        or not convolutional(tower)  # a CNN, not a ViT's patch embedding
         or not graph_mode_enabled()
     ):
         return fn

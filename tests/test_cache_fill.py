@@ -102,6 +102,8 @@ def fill(
 def test_lanes_fill_equals_the_one_lane_fill_and_a_direct_pass(kind, tmp_path, monkeypatch):
     vision, views, unlocked, workers = KINDS[kind]
     monkeypatch.setattr(fc, "LANE_ROWS", 16)  # several batches from 46 images
+    # The eager pass, as the oracles run it; the frozen graph has its test below.
+    monkeypatch.setenv("CLIPKIT_GRAPH_MODE", "0")
     model = model_for(vision, unlocked)
     job = job_for(model, views, unlocked)
     folder = tmp_path / "shards"
@@ -113,21 +115,21 @@ def test_lanes_fill_equals_the_one_lane_fill_and_a_direct_pass(kind, tmp_path, m
     assert set(lanes) == set(one_lane) == set(want) and len(want) == N_SHARDS * PER_SHARD
     # the fill before lanes, as benchmarks/cache_fill.py keeps it (pooled tower features only)
     before = old_fill(model, data, sorted(folder.glob("*.tar"))) if views == 1 and not unlocked else one_lane
-    # The EfficientNet fills run a frozen TorchScript graph (``graph_mode``: batch norms folded
-    # into the convolutions), the eager oracles do not: ~1e-5 apart, well under the float16 the
-    # cache stores (5e-4 relative). Lanes and one lane both run the graph: equal to 1e-6.
-    eager = 1e-6 if kind.startswith("vit") else GRAPH_TOL
     for key, value in want.items():
         assert lanes[key].dtype == np.float32 and lanes[key].shape == value.shape
         np.testing.assert_allclose(lanes[key], one_lane[key], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(lanes[key], before[key], rtol=eager, atol=eager)
-        np.testing.assert_allclose(lanes[key], value, rtol=eager, atol=eager)
+        np.testing.assert_allclose(lanes[key], before[key], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(lanes[key], value, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("graph", [True, False])
-def test_graph_mode_runs_the_convolutional_fill_and_can_be_turned_off(graph, tmp_path, monkeypatch):
-    """The EfficientNet fill traces one frozen graph (not with CLIPKIT_GRAPH_MODE=0, where the lanes
-    equal the eager direct pass to 1e-6, as before graph mode; never for a ViT)."""
+@pytest.mark.parametrize("unlocked", [0, 1], ids=["effnet", "effnet-partial"])
+def test_graph_mode_runs_the_convolutional_fill_and_can_be_turned_off(graph, unlocked, tmp_path, monkeypatch):
+    """The EfficientNet fill (pooled features, or the partial cache's activations) traces one
+    frozen graph: batch norms folded into the convolutions, so its rows are ~1e-5 from the eager
+    oracle's (``GRAPH_TOL``; the cache stores float16, 5e-4 relative), and lanes equal one lane to
+    1e-6. Not with CLIPKIT_GRAPH_MODE=0, where the lanes equal the eager direct pass to 1e-6;
+    never for a ViT."""
     monkeypatch.setattr(fc, "LANE_ROWS", 16)
     monkeypatch.setenv("CLIPKIT_GRAPH_MODE", "1" if graph else "0")
     made = []
@@ -136,14 +138,17 @@ def test_graph_mode_runs_the_convolutional_fill_and_can_be_turned_off(graph, tmp
     folder = tmp_path / "shards"
     write_shards(folder, n_shards=N_SHARDS, per_shard=PER_SHARD)
     data = DataConfig(batch_size=8, workers=0)
-    job = job_for(model_for(EFFNET, 0), 1, 0)
+    job = job_for(model_for(EFFNET, unlocked), 1, unlocked)
     rows, want = fill(job, data, folder, lanes=2), direct(job, folder)
-    assert len(made) == 1 and isinstance(made[0], torch.jit.ScriptModule) == graph
+    one_lane = fill(job, data, folder, lanes=1, rows=fc.BUILD_BATCH)
+    assert len(made) == 2 and all(isinstance(m, torch.jit.ScriptModule) == graph for m in made)
     tol = GRAPH_TOL if graph else 1e-6
     worst = max(float(np.abs(rows[k] - v).max()) for k, v in want.items())
     assert worst <= tol and (worst > 0) == graph  # the graph rounds differently; eager does not
+    for key in want:
+        np.testing.assert_allclose(rows[key], one_lane[key], rtol=1e-6, atol=1e-6)
     vit = fill(job_for(model_for(VIT, 0), 1, 0), data, folder, lanes=2)  # one Conv2d: no graph
-    assert len(made) == 2 and not isinstance(made[1], torch.jit.ScriptModule) and len(vit) == len(want)
+    assert len(made) == 3 and not isinstance(made[2], torch.jit.ScriptModule) and len(vit) == len(want)
 
 
 def test_graph_mode_falls_back_to_the_eager_pass_when_the_graph_disagrees(monkeypatch, caplog):

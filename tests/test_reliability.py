@@ -258,8 +258,11 @@ def logged_steps(run_dir: Path) -> int:
     return max(read_sample_log(path), default=0) if path.is_file() else 0
 
 
-def run_and_signal(ctx, tree: dict, signals: list[int], delay: float, log: Path, after: int = 2):
-    """Start a run in a child, send ``signals`` once it logged step ``after``; (exit code, run folder)."""
+def run_and_signal(
+    ctx, tree: dict, signals: list[int], delay: float, log: Path, after: int = 2, settle: float = 0.0
+):
+    """Start a run in a child, send ``signals`` once it logged step ``after`` and ``settle`` seconds
+    more have passed; (exit code, run folder)."""
     proc = ctx.Process(target=run_training, args=(tree, delay, str(log)))
     proc.start()
     run_dir = Path(tree["train"]["output_dir"]) / tree["train"]["run_name"]
@@ -267,6 +270,7 @@ def run_and_signal(ctx, tree: dict, signals: list[int], delay: float, log: Path,
     while logged_steps(run_dir) < after:
         assert proc.exitcode is None and time.time() < deadline, log.read_text()[-2000:]
         time.sleep(0.01)
+    time.sleep(settle)
     for sig in signals:
         os.kill(proc.pid, sig)
         time.sleep(0.1)
@@ -301,7 +305,11 @@ def test_second_signal_exits_at_once(shards, tmp_path, forkserver):
     log = tmp_path / "stderr.txt"
     t0 = time.time()
     tree = signal_tree(shards, tmp_path)
-    exitcode, run_dir = run_and_signal(forkserver, tree, [signal.SIGTERM, signal.SIGTERM], 3.0, log, after=1)
+    # Step 1 is logged at its boundary, where a lone first signal would checkpoint and exit within
+    # the 0.1 s before the second: wait 0.5 s into step 2's 3 s so both land inside it.
+    exitcode, run_dir = run_and_signal(
+        forkserver, tree, [signal.SIGTERM, signal.SIGTERM], 3.0, log, after=1, settle=0.5
+    )
     assert exitcode == 143 and "second SIGTERM: exiting now" in log.read_text()
     assert time.time() - t0 < 20
     assert not ckpt.list_checkpoints(run_dir)  # gone inside step 2: no checkpoint written

@@ -89,7 +89,9 @@ def test_training_steps_equal_open_clip_train_from_the_same_weights(tmp_path):
     )
 
     cut = []
-    ck.text.model.transformer.register_forward_pre_hook(lambda m, args: cut.append(args[0].shape[1]))
+    ck.text.model.transformer.resblocks[0].register_forward_pre_hook(
+        lambda m, args: cut.append(args[0].shape[1])
+    )
     for step, inputs in enumerate(batches):
         ck.train()
         loss = loss_fn(ck(inputs), inputs)["loss"]

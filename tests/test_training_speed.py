@@ -56,7 +56,7 @@ def test_causal_text_on_longest_caption_equals_full_context(name, cut, tmp_path)
     tokens = tower.tokenize(CAPTIONS)  # (4, 16), padded with zeros after the end-of-text token
     longest = int(tokens.argmax(-1).max()) + 1
     assert longest < tokens.shape[1]  # there is padding to cut
-    seen = widths_seen(tower.model.transformer)
+    seen = widths_seen(tower.model.transformer.resblocks[0])
     got = tower(tokens)
     assert seen == [longest if cut else tokens.shape[1]]  # the transformer's sequence length
     # Oracle: the full-context forward, open_clip's own TextTransformer.forward (custom text) or
@@ -113,6 +113,151 @@ def test_hf_tower_on_longest_caption_equals_full_context():
         want = (hidden * m).sum(1) / m.sum(1)
     assert seen[0] == trimmed.shape[1]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- last block, pooled rows
+
+
+def grads(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for n, w in want.items():  # equal up to float rounding, relative to the gradient's size
+        assert (got[n] - w).abs().max() <= 1e-5 * w.abs().max() + 1e-7, n
+
+
+def vit_config(folder, **vision) -> str:
+    path = folder / "tiny-vit-variant.json"
+    cfg = {"image_size": 32, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8, **vision}
+    text = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
+    path.write_text(json.dumps({"embed_dim": 32, "vision_cfg": cfg, "text_cfg": text}))
+    return f"open_clip:{path}"
+
+
+@pytest.mark.parametrize(
+    "variant, pooled",
+    [
+        ({}, True),  # class-token pooling: the last block runs for the class token only
+        ({"final_ln_after_pool": True}, True),
+        ({"ls_init_value": 0.1}, True),  # LayerScale in the block
+        ({"pool_type": "avg"}, False),  # every token is pooled: open_clip's own forward
+        ({"attentional_pool": True, "attn_pooler_queries": 4, "attn_pooler_heads": 2}, False),
+    ],
+)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_vit_with_pooled_last_block_equals_open_clip_encode_image(variant, pooled, checkpointing, tmp_path):
+    name = vit_config(tmp_path, **variant)
+    torch.manual_seed(0)
+    tower = build_tower(TowerConfig(name=name, weights="", image_size=32), "vision").train()
+    assert tower.pooled_last_block is pooled
+    tower.set_grad_checkpointing(checkpointing)
+    rows = []
+    last = tower.model.transformer.resblocks[-1]
+    last.mlp.register_forward_pre_hook(lambda m, a: rows.append(tuple(a[0].shape[:2])))
+    images = torch.randn(6, 3, 32, 32)
+    got = tower(images)
+    (got**2).sum().backward()
+    got_grads = grads(tower)
+    tower.zero_grad()
+    # The MLP of the last block: one row per image (run again in backward under checkpointing)
+    assert set(rows) == {(6, 1) if pooled else (6, 17)} and len(rows) == (2 if checkpointing else 1)
+    want = tower.model(images)  # oracle: open_clip's VisionTransformer.forward (= encode_image)
+    (want**2).sum().backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert_same_grads(got_grads, grads(tower))
+
+
+def test_vit_pooled_last_block_keeps_the_class_token_under_patch_dropout(tmp_path):
+    torch.manual_seed(0)
+    tower = build_tower(
+        TowerConfig(name=vit_config(tmp_path, patch_dropout=0.5), weights="", image_size=32), "vision"
+    )
+    tower.train()
+    images = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(1)
+    got = tower(images)
+    torch.manual_seed(1)  # the same patches dropped
+    torch.testing.assert_close(got, tower.model(images), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["open_clip:clipkit-tiny-ViT", "causal-customtext"])
+def test_text_with_pooled_last_block_equals_the_full_forward(name, tmp_path):
+    # Captions of different lengths: each row's end-of-text query must see exactly its own
+    # keys 0..p (the causal mask's row), not the longer captions' padding columns.
+    tower = text_tower(causal_custom_text_config(tmp_path) if name == "causal-customtext" else name)
+    spec = tower.causal_text or tower.model.causal
+    assert spec.pooled_last_block
+    tokens = tower.tokenize(CAPTIONS)
+    rows = []
+    blocks = tower.model.transformer.resblocks
+    blocks[-1].mlp.register_forward_pre_hook(lambda m, a: rows.append(tuple(a[0].shape[:2])))
+    got = tower(tokens)
+    (got**2).sum().backward()
+    got_grads = grads(tower)
+    tower.zero_grad()
+    assert rows == [(len(CAPTIONS), 1)]
+    full = dataclasses.replace(spec, pooled_last_block=False)  # oracle: every row through the last block
+    if tower.causal_text is not None:
+        tower.causal_text = full
+    else:
+        tower.model.causal = full
+    want = tower(tokens)
+    (want**2).sum().backward()
+    assert rows[-1] == (len(CAPTIONS), int(tokens.argmax(-1).max()) + 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert_same_grads(got_grads, grads(tower))
+
+
+def test_length_groups_minimise_padded_tokens_plus_overhead():
+    # Oracle: every split of the rows sorted by length into consecutive groups, by brute force.
+    import itertools
+    import random
+
+    from clipkit.models.text_padding import length_groups
+
+    def cost(lengths, groups, overhead):
+        return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+    rng = random.Random(0)
+    for trial in range(60):
+        lengths = [rng.randint(2, 12) for _ in range(rng.randint(1, 9))]
+        overhead = rng.choice([0, 3, 10, 40])
+        groups = length_groups(lengths, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # a partition
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        best = min(
+            cost(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], overhead)
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+        )
+        assert cost(lengths, groups, overhead) == best, (lengths, overhead, groups)
+    assert length_groups([5, 5, 5], 0) == [[0, 1, 2]]  # equal lengths: one group whatever it costs
+    assert length_groups([2, 30] * 4, 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+@pytest.mark.parametrize("overhead", [0, 10**9])
+def test_text_grouped_by_length_equals_one_cut_and_keeps_the_batch_order(overhead, monkeypatch):
+    from clipkit.models import text_padding
+
+    captions = [*CAPTIONS, "a", "an orange cat asleep on a very old red sofa in the sun", "two dogs"]
+    tower = text_tower("open_clip:clipkit-tiny-ViT", context_length=24)
+    tokens = tower.tokenize(captions)
+    widths = widths_seen(tower.model.transformer.resblocks[0])
+    monkeypatch.setattr(text_padding, "GROUP_OVERHEAD_TOKENS", overhead)
+    monkeypatch.setattr(text_padding.length_groups, "__defaults__", (overhead,))
+    got = tower(tokens)
+    (got**2).sum().backward()
+    got_grads = grads(tower)
+    tower.zero_grad()
+    lengths = (tokens.argmax(-1) + 1).tolist()
+    # overhead 0: one group per distinct length, each cut to it; never split: one cut to the longest
+    assert sorted(widths) == (sorted(set(lengths)) if overhead == 0 else [max(lengths)])
+    want = torch.cat([tower(tokens[i : i + 1]) for i in range(len(captions))])  # each row alone
+    (want**2).sum().backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert_same_grads(got_grads, grads(tower))
 
 
 # ---------------------------------------------------------------------------- AdamW

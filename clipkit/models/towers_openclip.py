@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from clipkit.config import TowerConfig
 from clipkit.data.augment import augmented_transform
 from clipkit.models.local_dir import open_clip_kwargs
+from clipkit.models.pooled_block import vit_pooled_forward, vit_pooled_ok
 from clipkit.models.text_padding import CausalText, causal_text_forward, causal_text_spec
 from clipkit.models.tower_base import (
     TOWERS,
@@ -227,6 +228,8 @@ class OpenClipTower(Tower):
         self.out_dim = int(model_cfg["embed_dim"])
         if modality == "vision":
             self.model = clip.visual
+            # The last block at the class token only (clipkit.models.pooled_block); False: open_clip's forward
+            self.pooled_last_block = vit_pooled_ok(self.model)
             self.preprocess = dict(clip.visual.preprocess_cfg)
             self.augment = cfg.augment
             self.deterministic_transform, self.augmentation = not cfg.augment, cfg.augmentation
@@ -245,6 +248,8 @@ class OpenClipTower(Tower):
     def forward(self, x: Tensor) -> Tensor:
         if self.causal_text is not None:  # tokens (B, L), up to the last pooled one
             return causal_text_forward(self.model, x, self.causal_text)
+        if self.modality == "vision" and self.pooled_last_block:
+            return vit_pooled_forward(self.model, x)  # images (B, 3, H, W) -> (B, embed_dim)
         return self.model(x)  # images (B, 3, H, W) or tokens (B, L) -> (B, embed_dim)
 
     def transform(self, train: bool) -> Any:

@@ -375,13 +375,16 @@ def measure_step(cfg: Config, batch: int, micro_batch: int | None, device: torch
         model.train()
         data = synthetic_batch(model, cfg, batch, _feature_cache_applies(cfg, model), device)
         autocast = lambda: _autocast(cfg.train.precision, device)
-        if micro_batch:
-            grad_cache_step(model, loss_fn, data, micro_batch, autocast=autocast)
-        else:
-            with autocast():
-                out = model(data)
-            loss_fn(out, data)["loss"].backward()
-        optimizer.step()
+        for _ in range(2):  # AdamW creates its moments in the first step: the second is the steady one
+            if micro_batch:
+                grad_cache_step(model, loss_fn, data, micro_batch, autocast=autocast)
+            else:
+                with autocast():
+                    out = model(data)
+                loss_fn(out, data)["loss"].backward()
+                del out
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         del model, loss_fn, optimizer, data
     return mem.peak
 

@@ -18,3 +18,33 @@ def test_dry_run_prints_config_and_memory_estimate(capsys):
     out = capsys.readouterr().out
     assert "batch_size: 16" in out
     assert "predicted peak memory per device" in out and "batch 16 x 1 rank(s)" in out
+
+
+def run_cli(*argv: str):
+    """``cli()`` in a fresh process: (its exit code, what main() saw: collector on, start-up
+    frozen, the training loop imported; the collector after) and stderr."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, sys\n"
+        "from clipkit.cli import main as m\n"
+        "calls, real = [], m.main\n"
+        "m.main = lambda argv: calls.append((gc.isenabled(), gc.get_freeze_count() > 0, "
+        "'clipkit.training.loop' in sys.modules)) or real(argv)\n"
+        f"sys.argv = ['clipkit', *{list(argv)!r}]\n"
+        "try:\n    rc = m.cli()\nexcept SystemExit as e:\n    rc = e.code\n"
+        "print(rc, calls, gc.isenabled())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1], out.stderr
+
+
+def test_console_script_preloads_with_the_collector_paused_and_leaves_it_on():
+    # `clipkit` is cli(): heavy imports with the cyclic collector paused, start-up objects frozen,
+    # then main() with the collector on; its exit code is main's.
+    said, err = run_cli("train", RECIPE, "train.sampels=10")
+    assert said == "2 [(True, True, True)] True", err
+    assert "unknown config key 'train.sampels'" in err
+    said, _ = run_cli("train", "--help")  # help: nothing heavy imported first
+    assert said == "0 [(True, True, False)] True"

@@ -268,6 +268,30 @@ def test_metrics_log_grows_its_header_for_new_columns(tmp_path):
     ]
 
 
+def test_metrics_log_tensorboard_events_hold_each_row_under_its_tags(tmp_path):
+    # One event per row holds all its scalars; TensorBoard's own reader must see each tag's
+    # series, and a resumed run's purge must drop the steps it logs again.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLog(tmp_path)
+    log.write({"step": 1, "loss": 2.5, "lr": 1e-3, "skipped": "", "nonfinite_steps": 0})
+    log.write({"step": 1, "val/loss": 3.0}, scalars={"val/loss": 3.0, "zeroshot/x/acc1": 0.25})
+    log.write({"step": 2, "loss": 1.5, "lr": 2e-3, "skipped": "", "nonfinite_steps": 1})
+    log.close()
+    resumed = MetricsLog(tmp_path, resume_step=1)
+    resumed.write({"step": 2, "loss": 1.25, "lr": 2e-3, "skipped": "", "nonfinite_steps": 0})
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    want = {"train/loss", "train/lr", "train/nonfinite_steps", "val/loss", "zeroshot/x/acc1"}
+    assert set(acc.Tags()["scalars"]) == want  # strings (skipped) are not scalars
+    series = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in want}
+    assert series["train/loss"] == [(1, 2.5), (2, 1.25)]  # step 2 of the first run purged
+    assert series["train/nonfinite_steps"] == [(1, 0.0), (2, 0.0)]
+    assert series["train/lr"] == [(1, pytest.approx(1e-3)), (2, pytest.approx(2e-3))]
+    assert series["val/loss"] == [(1, 3.0)] and series["zeroshot/x/acc1"] == [(1, 0.25)]
+
+
 # ---------------------------------------------------------------------------- 2 ranks
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from training_helpers import tiny_tree, write_shards
 
+from clipkit import allocator
 from clipkit.config import Config, from_dict
 from clipkit.errors import ClipkitError
 from clipkit.training import checkpoint as ckpt
@@ -268,6 +269,7 @@ def test_bf16_run_reports_the_detected_support_and_trains(shards, tmp_path, caps
     assert info["precision"] == "bf16" and info["mixed_precision"] == "bf16" and info["device"] == "cpu"
     assert ("bf16 on this CPU: native" if native else "bf16 on this CPU: emulated") in plan
     assert f"low-precision flags: {', '.join(info['cpu']['flags']) or 'none'}" in plan
+    assert info["allocator"] == allocator.state() and f"memory allocator: {allocator.state()}" in plan
     bf16_loss = [float(r["loss"]) for r in rows(run_dir)]
     fp32_loss = [float(r["loss"]) for r in rows(fp32)]
     assert bf16_loss != fp32_loss  # autocast really ran in bf16 ...

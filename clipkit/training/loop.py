@@ -43,6 +43,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from tqdm import tqdm
 
+from clipkit import allocator
 from clipkit.config import Config, save_config
 from clipkit.data import build_loader
 from clipkit.errors import ClipkitError
@@ -234,6 +235,7 @@ def setup(cfg: Config) -> Run:
     check_train_config(cfg)
     evaluation = plan_evaluation(cfg)  # opens the eval datasets, checks train.keep_best: before any work
     check_trackers(cfg.train)  # tracker names known, packages installed: before any work
+    allocator.tune()  # freed tensors stay in the process for the next step (clipkit.allocator)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     acc = make_accelerator(cfg.train.precision)

@@ -57,8 +57,10 @@ class MetricsLog:
                 atomic_write_text(self.path, _csv_text(self.header, kept))
         self.writer = None
         if tensorboard:
+            from tensorboard.compat.proto.summary_pb2 import Summary
             from torch.utils.tensorboard import SummaryWriter
 
+            self.summary = Summary
             purge = resume_step + 1 if resume_step is not None else None
             self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge)
 
@@ -78,8 +80,11 @@ class MetricsLog:
                 scalars = {
                     f"train/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"
                 }
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, global_step=step)
+            # One event holding every scalar of the row, as TensorFlow's summaries do (TensorBoard
+            # reads each value under its tag): 0.2 ms a row against 2.7 ms for 25 add_scalar events,
+            # which on a small model was 3 % of a step logged every step.
+            values = [self.summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]
+            self.writer.file_writer.add_summary(self.summary(value=values), step)
             self.writer.flush()
         if self.trackers is not None:  # W&B / MLflow: same row, same step
             self.trackers.log(row)
@@ -92,10 +97,7 @@ class MetricsLog:
 def plot_curves(run_dir: str | Path) -> Path | None:
     """``curves.png``: loss (and its parts, and val/loss), logit scale and, when the run evaluated,
     the evaluation metrics against the step; None without metrics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state (0.3 s less)
 
     run_dir = Path(run_dir)
     header, rows = _read_rows(run_dir / "metrics.csv")
@@ -111,7 +113,8 @@ def plot_curves(run_dir: str | Path) -> Path | None:
     parts = [h for h in header if h.startswith("loss_")]
     val_losses = [h for h in header if h.startswith("val/")]
     scores = [h for h in header if h.startswith(("zeroshot/", "retrieval/", "linear_probe/"))]
-    fig, axes = plt.subplots(1, 3 if scores else 2, figsize=(16.5 if scores else 11, 4))
+    fig = Figure(figsize=(16.5 if scores else 11, 4))
+    axes = fig.subplots(1, 3 if scores else 2)
     ax_loss, ax_scale = axes[0], axes[1]
     ax_loss.plot(*series("loss"), label="loss", linewidth=2)
     for name in parts:
@@ -134,6 +137,5 @@ def plot_curves(run_dir: str | Path) -> Path | None:
     fig.tight_layout()
     out = run_dir / "curves.png"
     with atomic_open(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+        fig.savefig(f, format="png", dpi=110)  # Agg, the png canvas
     return out

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from clipkit import allocator
 from clipkit.config import TrainConfig
 from clipkit.data.atomic import atomic_write_text
 
@@ -82,6 +83,7 @@ def system_info(acc: Accelerator, t: TrainConfig, checkpointed: list[str] | None
         "compile": t.compile_backend if t.compile else None,
         "grad_checkpointing": checkpointed or [],
         "cpu": cpu_info(),
+        "allocator": allocator.state(),
     }
     if acc.device.type == "cuda":
         info["gpu"] = gpu_info(acc.device)
@@ -95,7 +97,8 @@ def system_lines(info: dict[str, Any]) -> list[str]:
     lines = [
         f"  system: torch {info['torch']}, {info['processes']} process(es)"
         + (f", process group {info['backend']}" if info["backend"] else "")
-        + f"; CPU {cpu['capability']} kernels, low-precision flags: {flags}"
+        + f"; CPU {cpu['capability']} kernels, low-precision flags: {flags}",
+        f"  memory allocator: {info['allocator']}",
     ]
     gpu = info.get("gpu")
     if gpu:

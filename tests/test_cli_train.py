@@ -48,3 +48,28 @@ def test_console_script_preloads_with_the_collector_paused_and_leaves_it_on():
     assert "unknown config key 'train.sampels'" in err
     said, _ = run_cli("train", "--help")  # help: nothing heavy imported first
     assert said == "0 [(True, True, False)] True"
+
+
+def test_index_sets_the_openmp_wait_policy_before_torch_is_loaded(tmp_path):
+    # OpenMP reads OMP_WAIT_POLICY when its runtime loads (with torch): the console script's
+    # preload must come after the environment is set.
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "seen = []\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        "from clipkit.cli import main as m\n"
+        f"sys.argv = ['clipkit', 'index', 'search', {str(tmp_path / 'missing')!r}, 'a cat']\n"
+        "try:\n    rc = m.cli()\nexcept SystemExit as e:\n    rc = e.code\n"
+        "print(seen[:1])\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "['PASSIVE']", out.stdout + out.stderr

@@ -40,15 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def set_environment(argv: list[str]) -> None:
+    """Environment a command needs before torch, FAISS or an OpenMP runtime is loaded."""
     # Nothing is ever fetched from a model hub at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if (argv if argv is not None else sys.argv[1:])[:1] == ["index"]:
+    if argv[:1] == ["index"]:
         # FAISS's OpenMP threads then sleep instead of spinning while they wait: on cores shared
         # with other jobs, index builds and searches measured 1.5-2x faster (set before any
         # OpenMP runtime starts; an explicit setting wins).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_environment(argv if argv is not None else sys.argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
@@ -74,6 +79,7 @@ def cli() -> int:
     among long-lived objects is left out. Tests call ``main`` in-process and are unaffected.
     """
     argv = sys.argv[1:]
+    set_environment(argv)  # before the preloaded imports start an OpenMP runtime
     allocator.tune()  # before the imports allocate anything (clipkit.allocator)
     gc.disable()
     try:

@@ -51,8 +51,8 @@ def test_console_script_preloads_with_the_collector_paused_and_leaves_it_on():
 
 
 def test_index_sets_the_openmp_wait_policy_before_torch_is_loaded(tmp_path):
-    # OpenMP reads OMP_WAIT_POLICY when its runtime loads (with torch): the console script's
-    # preload must come after the environment is set.
+    # OpenMP reads OMP_WAIT_POLICY when its runtime loads (with torch), and Hugging Face reads
+    # HF_HUB_OFFLINE when it is imported: the console script's preload must come after both are set.
     import subprocess
     import sys
 
@@ -61,15 +61,18 @@ def test_index_sets_the_openmp_wait_policy_before_torch_is_loaded(tmp_path):
         "seen = []\n"
         "class Spy:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch':\n"
-        "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+        "        if name in ('torch', 'transformers'):\n"
+        "            seen.append((name, os.environ.get('OMP_WAIT_POLICY'), os.environ.get('HF_HUB_OFFLINE')))\n"
         "        return None\n"
         "sys.meta_path.insert(0, Spy())\n"
         "from clipkit.cli import main as m\n"
         f"sys.argv = ['clipkit', 'index', 'search', {str(tmp_path / 'missing')!r}, 'a cat']\n"
         "try:\n    rc = m.cli()\nexcept SystemExit as e:\n    rc = e.code\n"
-        "print(seen[:1])\n"
+        "print(sorted(set(seen)))\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    drop = ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in drop}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "['PASSIVE']", out.stdout + out.stderr
+    # transformers (through open_clip) reads HF_HUB_OFFLINE when it is imported: offline already
+    want = "[('torch', 'PASSIVE', '1'), ('transformers', 'PASSIVE', '1')]"
+    assert out.stdout.strip().splitlines()[-1] == want, out.stdout + out.stderr

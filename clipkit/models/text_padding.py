@@ -72,8 +72,8 @@ def causal_text_spec(m: nn.Module) -> CausalText | None:
 
 # What one more group costs, in tokens of work: its own call of every layer, and matrix products
 # on fewer rows, which run further from peak. Measured on a 2-core CPU (ViT-S-32-alt's text tower,
-# forward and backward, batches of 64 emoji captions): 10**9 (never split) 376-400 ms a batch,
-# 48 349-389, 96 340-370, 192 323-368; 24 and less were slower than not splitting.
+# forward and backward, batches of 64 emoji captions, 3 runs each): 10**9 (never split) 372-385 ms
+# a batch; 48 304-307; 96 302-304; 192 305-306.
 GROUP_OVERHEAD_TOKENS = 128
 
 
@@ -109,26 +109,33 @@ def causal_text_forward(m: nn.Module, text: Tensor, spec: CausalText) -> Tensor:
     columns up to its own last pooled position: a row's output depends on its own tokens only
     (no layer mixes the rows of a batch), so a short caption never pays for a long one's
     columns. On emoji captions (7 tokens on average, up to 17; batches of 64 hold 451 real tokens
-    and 965 when cut to the longest) the text tower's forward and backward take ~8 % less."""
-    if text.shape[0] < 2:
-        return _causal_text_rows(m, text, spec)
-    lengths = (pooled_positions(text, spec.pool_type, spec.eos_id) + 1).tolist()
-    groups = length_groups(lengths)
-    if len(groups) == 1:
-        return _causal_text_rows(m, text, spec)
-    order = torch.tensor([i for g in groups for i in g], device=text.device)
-    out = torch.cat([_causal_text_rows(m, text[torch.tensor(g, device=text.device)], spec) for g in groups])
-    return out[torch.argsort(order)]  # back to the batch's order
-
-
-def _causal_text_rows(m: nn.Module, text: Tensor, spec: CausalText) -> Tensor:
-    """``causal_text_forward`` of one group: the columns of ``text`` (B, L) up to its last
-    pooled position."""
+    and 965 when cut to the longest) the text tower's forward and backward take ~20 % less. The
+    token embedding runs once for the whole batch: its backward builds a dense gradient of the
+    whole vocabulary table, once, not once per group."""
     n = kept_length(text, spec.pool_type, spec.eos_id)
     text = text[:, :n]  # (B, n)
     cast_dtype = m.transformer.get_cast_dtype()
     x = m.token_embedding(text).to(cast_dtype)  # (B, n, width)
     x = x + m.positional_embedding[:n].to(cast_dtype)
+    if text.shape[0] == 0:
+        return _causal_text_rows(m, x, text, spec)
+    lengths = pooled_positions(text, spec.pool_type, spec.eos_id) + 1  # (B,)
+    groups = length_groups(lengths.tolist()) if text.shape[0] > 1 else [[0]]
+    if len(groups) == 1:
+        return _causal_text_rows(m, x, text, spec)
+    outs = []
+    for g in groups:
+        idx = torch.tensor(g, device=text.device)
+        k = int(lengths[idx].max())  # this group's columns
+        outs.append(_causal_text_rows(m, x[idx, :k], text[idx, :k], spec))
+    order = torch.tensor([i for g in groups for i in g], device=text.device)
+    return torch.cat(outs)[torch.argsort(order)]  # back to the batch's order
+
+
+def _causal_text_rows(m: nn.Module, x: Tensor, text: Tensor, spec: CausalText) -> Tensor:
+    """The transformer, final norm, pooling and projection of ``causal_text_forward`` on token
+    embeddings ``x`` (B, n, width) of ``text`` (B, n), n up to their last pooled position."""
+    n = x.shape[1]
     mask = m.attn_mask[:n, :n]  # causal mask of the first n positions
     if spec.pooled_last_block and text.shape[0] > 0:
         # The last block at the pooled (end-of-text) rows only (clipkit.models.pooled_block):

@@ -112,35 +112,41 @@ def causal_text_forward(m: nn.Module, text: Tensor, spec: CausalText) -> Tensor:
     and 965 when cut to the longest) the text tower's forward and backward take ~20 % less. The
     token embedding runs once for the whole batch: its backward builds a dense gradient of the
     whole vocabulary table, once, not once per group."""
-    n = kept_length(text, spec.pool_type, spec.eos_id)
-    text = text[:, :n]  # (B, n)
-    cast_dtype = m.transformer.get_cast_dtype()
-    x = m.token_embedding(text).to(cast_dtype)  # (B, n, width)
-    x = x + m.positional_embedding[:n].to(cast_dtype)
     if text.shape[0] == 0:
-        return _causal_text_rows(m, x, text, spec)
-    lengths = pooled_positions(text, spec.pool_type, spec.eos_id) + 1  # (B,)
-    groups = length_groups(lengths.tolist()) if text.shape[0] > 1 else [[0]]
+        return _causal_text_rows(m, _embed(m, text), text, text.new_zeros(0), spec)
+    rows = pooled_positions(text, spec.pool_type, spec.eos_id)  # (B,) each row's pooled position
+    lengths = (rows + 1).tolist()
+    n = max(lengths)  # kept_length
+    text = text[:, :n]  # (B, n)
+    x = _embed(m, text)  # (B, n, width)
+    groups = length_groups(lengths) if text.shape[0] > 1 else [[0]]
     if len(groups) == 1:
-        return _causal_text_rows(m, x, text, spec)
+        return _causal_text_rows(m, x, text, rows, spec)
     outs = []
     for g in groups:
         idx = torch.tensor(g, device=text.device)
-        k = int(lengths[idx].max())  # this group's columns
-        outs.append(_causal_text_rows(m, x[idx, :k], text[idx, :k], spec))
+        k = max(lengths[i] for i in g)  # this group's columns
+        outs.append(_causal_text_rows(m, x[idx, :k], text[idx, :k], rows[idx], spec))
     order = torch.tensor([i for g in groups for i in g], device=text.device)
     return torch.cat(outs)[torch.argsort(order)]  # back to the batch's order
 
 
-def _causal_text_rows(m: nn.Module, x: Tensor, text: Tensor, spec: CausalText) -> Tensor:
+def _embed(m: nn.Module, text: Tensor) -> Tensor:
+    """Token and position embeddings of ``text`` (B, n) -> (B, n, width), as ``CLIP.encode_text``."""
+    cast_dtype = m.transformer.get_cast_dtype()
+    x = m.token_embedding(text).to(cast_dtype)
+    return x + m.positional_embedding[: text.shape[1]].to(cast_dtype)
+
+
+def _causal_text_rows(m: nn.Module, x: Tensor, text: Tensor, rows: Tensor, spec: CausalText) -> Tensor:
     """The transformer, final norm, pooling and projection of ``causal_text_forward`` on token
-    embeddings ``x`` (B, n, width) of ``text`` (B, n), n up to their last pooled position."""
+    embeddings ``x`` (B, n, width) of ``text`` (B, n) pooled at ``rows`` (B,), n up to their
+    last pooled position."""
     n = x.shape[1]
     mask = m.attn_mask[:n, :n]  # causal mask of the first n positions
     if spec.pooled_last_block and text.shape[0] > 0:
         # The last block at the pooled (end-of-text) rows only (clipkit.models.pooled_block):
         # query p attends to keys 0..p, the causal mask's row p.
-        rows = pooled_positions(text, spec.pool_type, spec.eos_id)  # (B,)
         after = torch.arange(n, device=text.device)[None, :] > rows[:, None]  # (B, n)
         x = m.ln_final(run_pooled(m.transformer, x, mask, rows, after))  # (B, width)
     else:

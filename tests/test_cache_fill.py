@@ -234,6 +234,38 @@ def test_lanes_run_at_once_in_order_on_one_thread_each():
     assert cpu_lanes("cpu") == max(1, before) and cpu_lanes("meta") == 1
 
 
+def test_a_lane_keeps_one_thread_when_the_caller_changes_its_count_meanwhile():
+    """The fill decodes in the caller's thread (workers=0), which sets its torch thread count
+    around each batch while the lanes run. torch sets a new thread's count up lazily from the
+    count set last, so a lane that had only called ``set_num_threads(1)`` could run on the
+    caller's two threads, on other kernels: its rows differed in the last bits now and then
+    (tests/test_cache_fill.py's float16 test failed one run in ten on an AVX-512 CPU)."""
+    torch.set_num_threads(2)  # the caller's count, as on a 2-core machine
+    started, changed, read = threading.Event(), threading.Event(), threading.Event()
+
+    def items():
+        yield 0
+        assert started.wait(timeout=20)  # item 0's lane has set its count and runs fn
+        torch.set_num_threads(1)  # the loader's decoding thread count, then back
+        torch.set_num_threads(2)
+        changed.set()
+        assert read.wait(timeout=20)  # no other lane starts (and sets the count) before it reads
+        yield 1
+
+    def fn(i: int) -> int:
+        if i == 0:
+            started.set()
+            assert changed.wait(timeout=20)
+        threads = torch.get_num_threads()
+        read.set()
+        return threads
+
+    try:
+        assert list(in_lanes(fn, items(), lanes=2)) == [(0, 1), (1, 1)]
+    finally:
+        torch.set_num_threads(max(1, cpu_lanes("cpu")))
+
+
 def test_a_failing_lane_raises_and_restores_the_threads():
     before = torch.get_num_threads()
 

@@ -17,9 +17,10 @@ see the usual contiguous tensors.
 one torch thread, instead of every op split across all threads. A small model's ops at
 batch 16-32 are too short to split well (each split ends in a barrier, and on a shared
 machine a descheduled thread stalls the others), and a small batch keeps a lane's
-activations in the CPU's caches (benchmarks/cache_fill.py measures the gain). Which kernel runs
-depends on the batch, not the thread count, so each batch's outputs are bit-identical to a
-one-lane run of it (tests/test_cache_fill.py).
+activations in the CPU's caches (benchmarks/cache_fill.py measures the gain). A lane always runs
+on one thread, so a batch's outputs are the same bits in every fill; against a pass on several
+threads they differ in the last bits where a kernel splits its work by thread count (the
+attention's fast path does on an AVX-512 CPU: ~1e-7), within 1e-6 (tests/test_cache_fill.py).
 
 ``graph_mode`` freezes a convolutional tower's fp32 CPU pass into a TorchScript graph
 (``torch.jit.trace`` + ``torch.jit.freeze``): batch norms fold into the convolution weights and
@@ -164,7 +165,13 @@ def in_lanes(
 
     def call(item: T, threads: int | None) -> R:
         if threads is not None:
-            torch.set_num_threads(threads)  # OpenMP's count is per calling thread
+            # OpenMP's count is per calling thread, but torch sets up a new thread's count lazily,
+            # at its first get_num_threads (or first parallel op), from the count the process set
+            # last, and set_num_threads does not count as that set-up. Without the first call a
+            # lane took whatever the main thread (the loader's decoding, with workers=0) had set
+            # by then: two threads a lane now and then, on other kernels (tests/test_cache_fill.py).
+            torch.get_num_threads()
+            torch.set_num_threads(threads)
         with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             return fn(item)
 

@@ -237,6 +237,25 @@ def test_length_groups_minimise_padded_tokens_plus_overhead():
     assert length_groups([2, 30] * 4, 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
 
 
+def test_group_overhead_scales_with_the_square_of_the_width_and_the_tiny_tower_runs_one_group():
+    from clipkit.models import text_padding
+
+    assert text_padding.group_overhead(256) == text_padding.GROUP_OVERHEAD_TOKENS
+    assert text_padding.group_overhead(64) == 16 * text_padding.GROUP_OVERHEAD_TOKENS
+    assert text_padding.group_overhead(512) == text_padding.GROUP_OVERHEAD_TOKENS / 4
+    # 63 one-word captions and one long one: at width 256 the long row runs apart; the tiny
+    # tower (width 64: a group's calls cost more than its tokens) runs them as one group.
+    captions = ["sun"] * 63 + ["a small red dog on a wooden table near a big old green tree"]
+    tower = text_tower("open_clip:clipkit-tiny-ViT", context_length=16)
+    tokens = tower.tokenize(captions)
+    lengths = (tokens.argmax(-1) + 1).tolist()
+    assert len(text_padding.length_groups(lengths, text_padding.group_overhead(256))) == 2
+    assert len(text_padding.length_groups(lengths, text_padding.group_overhead(64))) == 1
+    seen = widths_seen(tower.model.transformer.resblocks[0])  # the tower itself: width 64
+    tower(tokens)
+    assert seen == [max(lengths)]
+
+
 @pytest.mark.parametrize("overhead", [0, 10**9])
 def test_text_grouped_by_length_equals_one_cut_and_keeps_the_batch_order(overhead, monkeypatch):
     from clipkit.models import text_padding

@@ -70,14 +70,26 @@ def causal_text_spec(m: nn.Module) -> CausalText | None:
     return CausalText(pool, eos, pooled_transformer(m.transformer)) if ok else None
 
 
-# What one more group costs, in tokens of work: its own call of every layer, and matrix products
-# on fewer rows, which run further from peak. Measured on a 2-core CPU (ViT-S-32-alt's text tower,
-# forward and backward, batches of 64 emoji captions, 3 runs each): 10**9 (never split) 372-385 ms
-# a batch; 48 304-307; 96 302-304; 192 305-306.
+# What one more group costs, in tokens of work, for a tower of width REFERENCE_WIDTH: its own call
+# of every layer, and matrix products on fewer rows, which run further from peak. Measured on a
+# 2-core CPU (ViT-S-32-alt's text tower, width 256, forward and backward, batches of 64 emoji
+# captions, 3 runs each): 10**9 (never split) 372-385 ms a batch; 48 304-307; 96 302-304; 192
+# 305-306. A group's fixed cost (the calls) hardly depends on the width, a token's work grows with
+# its square, so the overhead in tokens scales as (REFERENCE_WIDTH / width)**2 (``group_overhead``):
+# the tiny ViT's text tower (width 64) gets 2,048, more than a batch of 64 x 16 tokens can save,
+# and runs as one group. Measured on a 2-core AVX-512 CPU, forward and backward of 64 emoji
+# captions, 15 alternating runs: width 64, two groups 16.9 ms against one 13.8 ms; width 256, two
+# groups 260 ms against one 298 ms.
 GROUP_OVERHEAD_TOKENS = 128
+REFERENCE_WIDTH = 256
 
 
-def length_groups(lengths: list[int], overhead: int = GROUP_OVERHEAD_TOKENS) -> list[list[int]]:
+def group_overhead(width: int) -> float:
+    """``GROUP_OVERHEAD_TOKENS`` for a transformer of ``width`` (see above)."""
+    return GROUP_OVERHEAD_TOKENS * (REFERENCE_WIDTH / max(1, width)) ** 2
+
+
+def length_groups(lengths: list[int], overhead: float = GROUP_OVERHEAD_TOKENS) -> list[list[int]]:
     """Rows (indices into ``lengths``) in groups of similar length, each to be cut to its own
     longest: the split of the rows sorted by length that minimises the padded tokens,
     sum(group size x its longest), plus ``overhead`` per group. Exact (dynamic programming over
@@ -119,7 +131,7 @@ def causal_text_forward(m: nn.Module, text: Tensor, spec: CausalText) -> Tensor:
     n = max(lengths)  # kept_length
     text = text[:, :n]  # (B, n)
     x = _embed(m, text)  # (B, n, width)
-    groups = length_groups(lengths) if text.shape[0] > 1 else [[0]]
+    groups = length_groups(lengths, group_overhead(x.shape[-1])) if text.shape[0] > 1 else [[0]]
     if len(groups) == 1:
         return _causal_text_rows(m, x, text, rows, spec)
     outs = []

@@ -21,15 +21,24 @@ steps are left out. With ``--torch-profiler`` the heaviest operators (self CPU t
     .venv/bin/python benchmarks/train_profile.py --model clipkit-tiny-ViT --image-size 32 --context-length 16
     .venv/bin/python benchmarks/train_profile.py ... --full-text --set optim.implementation=for_loop  # levers off
     .venv/bin/python benchmarks/train_profile.py ... --set train.precision=auto
+    .venv/bin/python benchmarks/train_profile.py ... --no-pooled-block --no-length-groups
+    CLIPKIT_MALLOC=default .venv/bin/python benchmarks/train_profile.py ...  # glibc's malloc defaults
 
-``--set key=value`` adds clipkit overrides (the speed levers can be switched off one by one).
+``--set key=value`` adds clipkit overrides (the speed levers can be switched off one by one);
+``--no-pooled-block`` runs the last vision and text blocks on every row (``clipkit.models.pooled_block``
+off), ``--no-length-groups`` cuts the whole batch to its longest caption in one group
+(``clipkit.models.text_padding.length_groups`` off) and ``CLIPKIT_MALLOC=default`` leaves glibc's
+malloc as it is (``clipkit.allocator``). The heading also gives the main process's page faults and
+system time over the timed steps. ``benchmarks/step_levers.py`` runs these one by one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -72,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--full-text",
         action="store_true",
         help="text tower on the full context (no cut to the longest caption)",
+    )
+    p.add_argument(
+        "--no-pooled-block",
+        action="store_true",
+        help="last vision / text block on every row (clipkit.models.pooled_block off)",
+    )
+    p.add_argument(
+        "--no-length-groups",
+        action="store_true",
+        help="text cut to the batch's longest caption in one group (text_padding.length_groups off)",
     )
     p.add_argument("--torch-profiler", action="store_true", help="also print the top operators")
     p.add_argument("--out", default="", help="also append the table (markdown) to this file")
@@ -163,6 +182,34 @@ def timed_step(run, clock: dict[str, float]) -> None:
     tick("log", t)
 
 
+def switch_levers(run, args: argparse.Namespace) -> None:
+    """Turn off the speed levers that ``--no-pooled-block`` / ``--no-length-groups`` name."""
+    set_levers(run, pooled=not args.no_pooled_block, groups=not args.no_length_groups)
+
+
+def set_levers(run, pooled: bool, groups: bool) -> None:
+    """Switch the pooled last blocks and the length groups of ``run``'s model on (as clipkit
+    built it) or off, either way and as often as asked (step_levers.py alternates them)."""
+    from clipkit.models import text_padding
+
+    model = run.acc.unwrap_model(run.model)
+    vision, text = model.vision, model.text
+    built = run.__dict__.setdefault("_levers_as_built", {})
+    if not built:
+        built["vision"] = getattr(vision, "pooled_last_block", None)
+        built["overhead"] = text_padding.GROUP_OVERHEAD_TOKENS
+        for owner, attr in ((text, "causal_text"), (getattr(text, "model", None), "causal")):
+            if getattr(owner, attr, None) is not None:
+                built["text"] = (owner, attr, getattr(owner, attr))
+    if built["vision"] is not None:
+        vision.pooled_last_block = built["vision"] and pooled
+    if "text" in built:
+        owner, attr, spec = built["text"]
+        setattr(owner, attr, dataclasses.replace(spec, pooled_last_block=spec.pooled_last_block and pooled))
+    # off: one group, no split is ever worth an overhead this large
+    text_padding.GROUP_OVERHEAD_TOKENS = built["overhead"] if groups else 10**9
+
+
 def table(clock: dict[str, float], steps: int, batch_size: int) -> str:
     total = sum(clock.values())
     lines = ["| phase | ms / step | share |", "|---|---:|---:|"]
@@ -188,24 +235,35 @@ def main(argv: list[str] | None = None) -> int:
             text.causal_text = None
             if hasattr(text.model, "causal"):
                 text.model.causal = None
+        switch_levers(run, args)
         reset_window(run)
         clock: dict[str, float] = defaultdict(float)
         prof = None
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         for i in range(args.steps):
             if i == args.skip:
                 clock.clear()
+                usage = resource.getrusage(resource.RUSAGE_SELF)
                 if args.torch_profiler:
                     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                     prof.__enter__()
             timed_step(run, clock)
+        end = resource.getrusage(resource.RUSAGE_SELF)
         if prof is not None:
             prof.__exit__(None, None, None)
         run.metrics.close()
+    from clipkit import allocator
+
+    timed = args.steps - args.skip
+    faults, sys_s = (end.ru_minflt - usage.ru_minflt) / timed, (end.ru_stime - usage.ru_stime) / timed
     head = (
         f"model {args.model} @ {args.image_size}px, context {args.context_length}, batch {args.batch_size}, "
         f"threads {args.threads}, workers {args.workers}, overrides {args.set or 'none'}, "
         f"text {'full context' if args.full_text else 'cut to the longest caption'}, "
-        f"precision {run.cfg.train.precision}, load avg {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+        f"precision {run.cfg.train.precision}, pooled last block {'off' if args.no_pooled_block else 'on'}, "
+        f"length groups {'off' if args.no_length_groups else 'on'}, allocator: {allocator.state()}, "
+        f"load avg {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n\n"
+        f"page faults {faults:.0f} / step, system time {1000 * sys_s:.0f} ms / step (main process)"
     )
     text = f"{head}\n\n{table(clock, args.steps - args.skip, args.batch_size)}\n"
     print(text)

@@ -342,3 +342,49 @@ def test_objectives_recipe_keeps_its_own_data_and_its_own_keys():
     placed = bench.placed(mix, ov_mix)
     assert f"train.output_dir={mix.out / 'lit_mix'}" in placed and f"train.output_dir={mix.out}" in ov_mix
     assert [o for o in placed if "output_dir" not in o] == [o for o in ov_mix if "output_dir" not in o]
+
+
+def test_train_profile_switches_the_levers_off(monkeypatch):
+    """``train_profile.py --no-pooled-block --no-length-groups`` (run by step_levers.py) really runs
+    the last blocks on every row and the text in one group: the MLP of each last block sees every
+    token, and the first block sees the batch once, cut to its longest caption."""
+    import types
+
+    import torch
+
+    from clipkit.config import TowerConfig
+    from clipkit.models import text_padding
+    from clipkit.models.towers import build_tower
+
+    profile = load(BENCH / "train_profile.py")
+    torch.manual_seed(0)
+    vision = build_tower(TowerConfig(name="open_clip:clipkit-tiny-ViT", weights="", image_size=32), "vision")
+    text = build_tower(TowerConfig(name="open_clip:clipkit-tiny-ViT", weights="", context_length=16), "text")
+    model = types.SimpleNamespace(vision=vision, text=text)
+    run = types.SimpleNamespace(model=model, acc=types.SimpleNamespace(unwrap_model=lambda m: m))
+    tokens = text.tokenize(
+        ["a cat", "a small red dog on a wooden table near a big old green tree"] + ["sun"] * 40
+    )
+    longest = int(tokens.argmax(-1).max()) + 1
+
+    def rows_seen(tower, images_or_tokens):
+        seen = {"first": [], "last": []}
+        blocks = tower.model.transformer.resblocks
+        hooks = [
+            blocks[0].register_forward_pre_hook(lambda m, a: seen["first"].append(tuple(a[0].shape[:2]))),
+            blocks[-1].mlp.register_forward_pre_hook(lambda m, a: seen["last"].append(tuple(a[0].shape[:2]))),
+        ]
+        tower(images_or_tokens)
+        for h in hooks:
+            h.remove()
+        return seen
+
+    images = torch.randn(3, 3, 32, 32)
+    # The tiny tower split as a wider one would be (restored after, like what switch_levers sets)
+    monkeypatch.setattr(text_padding, "GROUP_OVERHEAD_TOKENS", 0)
+    on_text = rows_seen(text, tokens)
+    assert rows_seen(vision, images)["last"] == [(3, 1)] and len(on_text["first"]) > 1  # levers on
+    profile.switch_levers(run, profile.parse_args(["--no-pooled-block", "--no-length-groups"]))
+    assert rows_seen(vision, images)["last"] == [(3, 17)]  # every patch token and the class token
+    off_text = rows_seen(text, tokens)
+    assert off_text == {"first": [(42, longest)], "last": [(42, longest)]}

@@ -30,6 +30,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -83,7 +84,6 @@ def profile_once(args: argparse.Namespace, env: dict[str, str]) -> tuple[float, 
 def in_process(args: argparse.Namespace) -> dict[str, list[float]]:
     """ms a step of each IN_PROCESS configuration, one mean a round."""
     import tempfile
-    import time
 
     import torch
     import train_profile
@@ -167,7 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(x[1] for x in procs[name]):.0f} | {statistics.median(x[2] for x in procs[name]):.0f} |"
         )
     lines += ["", f"load average before {load}, after " + " ".join(f"{x:.2f}" for x in os.getloadavg())]
-    text = "\n".join(lines) + "\n"
+    heading = [
+        f"## Step levers: {args.model}, one lever off at a time ({time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        "```",
+        _record.command_line("step_levers.py", list(sys.argv[1:] if argv is None else argv)),
+        "```",
+        "",
+    ]
+    text = "\n".join(heading + lines) + "\n"
     print("\n" + text)
     if args.out:
         _record.append_text(args.out, text + "\n", record=args.record)

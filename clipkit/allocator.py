@@ -4,9 +4,14 @@ A CPU step allocates and frees the same large tensors (activations, gradients) e
 glibc serves each block over its mmap threshold (dynamic, 128 KiB to start) with a fresh
 ``mmap`` and gives it back with ``munmap`` on free, and it returns the top of the heap to the
 kernel once more than 128 KiB of it is free. Every step then faults in and zeroes its pages
-again: measured on a 2-core machine, a ViT-S-32-alt step took 286,000-540,000 page faults per
-8 steps and 1.2-1.7 s of system time; with the settings below, 600-2,000 faults and 0.27 s, and
-the median step went from 1.50-1.80 s to 1.35-1.37 s (``benchmarks/train_profile.py``).
+again. Measured on a 2-core AVX2 EPYC (three alternating pairs of processes, 16 ViT-S-32-alt
+steps each): 782,000-1,191,000 page faults and 2.8-4.1 s of system time per 16 steps with glibc's
+defaults; 23,000-60,000 faults and 0.7-0.8 s with the settings below; median step 1,507-1,784 ->
+1,315-1,470 ms. On a 2-core AVX-512 EPYC whose kernel faults far less to begin with (20,500 faults
+a ViT-S step with the defaults, 7,200 with these), the step times of the two overlapped within that
+machine's drift (defaults 1,287-1,528 ms, these 1,425-1,612 ms; tiny ViT 68-91 against 79-85 ms).
+``benchmarks/step_levers.py`` reruns the comparison (``CLIPKIT_MALLOC=default`` against these,
+alternating processes, with page faults and system time); benchmarks/RESULTS.md keeps both runs.
 
 ``tune()`` sets, through ``mallopt``:
 - ``M_MMAP_THRESHOLD`` = 32 MiB (glibc's upper limit on 64-bit): blocks up to that size come

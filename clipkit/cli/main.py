@@ -8,10 +8,12 @@ inside ``run`` so ``clipkit --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 
 from clipkit import allocator
 from clipkit.errors import ClipkitError
@@ -27,6 +29,29 @@ PRELOAD = {
     "export": ("clipkit.models",),
     "index": ("clipkit.models",),
 }
+
+
+# Packages a preloaded library imports only in case it is there, for a feature clipkit never
+# calls: timm's ``timm.utils.summary`` imports wandb (0.3-0.4 s on a 2-core machine) for its own
+# training-summary logger. They are hidden while the preload runs and visible again after it, so
+# clipkit's trackers (``train.trackers=[wandb]``) and the user's code import them as usual.
+SKIPPED_WHILE_PRELOADING = ("wandb",)
+
+
+@contextlib.contextmanager
+def optional_imports_skipped(names: tuple[str, ...]) -> Iterator[None]:
+    """Within the block, ``import name`` raises ImportError for each of ``names`` not yet
+    imported (a ``None`` in ``sys.modules``, Python's own marker for that); after it, they
+    import as usual."""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, ...) is None:
+                del sys.modules[name]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,11 +109,12 @@ def cli() -> int:
     gc.disable()
     try:
         if argv[:1] and not {"-h", "--help"} & set(argv):
-            for module in PRELOAD.get(argv[0], ()):
-                try:
-                    importlib.import_module(module)
-                except Exception:  # noqa: BLE001 - main imports it again and reports the error there
-                    break
+            with optional_imports_skipped(SKIPPED_WHILE_PRELOADING):
+                for module in PRELOAD.get(argv[0], ()):
+                    try:
+                        importlib.import_module(module)
+                    except Exception:  # noqa: BLE001 - main imports it again and reports the error there
+                        break
     finally:
         gc.freeze()
         gc.enable()

@@ -50,7 +50,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 _HERE = str(Path(__file__).resolve().parent)
@@ -60,7 +62,7 @@ if _HERE not in sys.path:  # the sibling helper modules, however this file was l
 import _record
 from _throughput_clipkit import run_clipkit
 from _throughput_common import EMOJI_TRAIN_GLOB, ROOT
-from _throughput_openclip import run_openclip, run_openclip_extrapolated
+from _throughput_openclip import ensure_openclip_env, run_openclip, run_openclip_extrapolated
 from _throughput_report import describe, fmt, save, table, verdicts
 from _throughput_setups import build_setups, locate_shards
 
@@ -110,8 +112,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-steps", type=int, default=3, help="steps left out of the steady-state rate")
     p.add_argument("--out", default="runs/bench", help="run folders and logs (relative to the repo root)")
     p.add_argument("--json", default="", help="also write results (with loss curves) to this JSON file")
+    p.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="skip the untimed import of each tool's training modules before the timed runs",
+    )
     _record.add_record_flag(p)
     return p
+
+
+# What each tool's trainer imports, loaded once (untimed) before the timed runs: each tool has its
+# own virtualenv (its own torch), and a tool whose files are not in the disk cache yet pays for
+# reading them in its first run only (OpenCLIP's first seed took 26-29 s against 21-24 s for the
+# next ones in two runs on 2026-12-03).
+WARM_UP = {"openclip": "import open_clip_train.main", "clipkit": "import clipkit.training.loop"}
+
+
+def warm_up_commands(tools: list[str]) -> list[list[str]]:
+    """One ``python -c <import>`` per tool, in the tool's own interpreter."""
+    python = {"openclip": None, "clipkit": sys.executable}
+    cmds = []
+    for tool in tools:
+        py = python[tool] or str(ensure_openclip_env())
+        cmds.append([py, "-c", WARM_UP[tool]])
+    return cmds
+
+
+def warm_up(tools: list[str]) -> None:
+    for cmd in warm_up_commands(tools):
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        state = "ok" if res.returncode == 0 else f"exit {res.returncode} (the timed run will report it)"
+        print(
+            f"[bench] warm-up, untimed: {cmd[-1]!r} in {cmd[0]}: {time.perf_counter() - t0:.1f} s, {state}",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     info = describe(setups)
     print(info, flush=True)
     runners = {"openclip": run_openclip, "clipkit": run_clipkit}
+    if not args.no_warm_up:
+        warm_up(args.tools.split(","))
     results = []
     for base in setups:
         for seed in args.seeds:

@@ -221,6 +221,27 @@ def test_train_throughput_verdicts_use_the_issue_targets():
     assert targets.exit_code() == 0  # 1.67x
 
 
+def test_train_throughput_warms_each_tool_up_in_its_own_interpreter_untimed(monkeypatch):
+    """Before the timed runs each tool's training modules are imported once, in the tool's own
+    virtualenv, so that neither tool's first run pays alone for a cold disk cache."""
+    bench = load(BENCH / "train_throughput.py")
+    monkeypatch.setattr(bench, "ensure_openclip_env", lambda: Path("/oc/bin/python"))
+    assert bench.warm_up_commands(["openclip", "clipkit"]) == [
+        ["/oc/bin/python", "-c", "import open_clip_train.main"],
+        [sys.executable, "-c", "import clipkit.training.loop"],
+    ]
+    ran = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or Done())
+    bench.warm_up(["clipkit"])
+    assert ran == [[sys.executable, "-c", "import clipkit.training.loop"]]
+    parser = bench.build_parser()
+    assert parser.parse_args([]).no_warm_up is False and parser.parse_args(["--no-warm-up"]).no_warm_up
+
+
 def test_train_throughput_checks_equal_loss_over_seeds():
     load(BENCH / "train_throughput.py")
     from _record import Targets

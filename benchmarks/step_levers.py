@@ -17,6 +17,7 @@ faults and system time a step. Printed: medians, ranges, the ratio to all on, th
 
     .venv/bin/python benchmarks/step_levers.py --model ViT-S-32-alt --threads 2 --workers 2
     .venv/bin/python benchmarks/step_levers.py --model clipkit-tiny-ViT --image-size 32 --context-length 16 --steps 30
+    .venv/bin/python benchmarks/step_levers.py ... --text-groups   # + the text tower alone under three group rules
 
 Run it alone on a quiet machine. ``--out FILE`` appends the tables (a tracked file only with
 ``--record``).
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="train_profile.py pairs (allocator on / off)")
+    p.add_argument(
+        "--text-groups",
+        action="store_true",
+        help="also time the text tower alone (forward + backward) under three length-group rules",
+    )
     p.add_argument("--out", default="", help="also append the table (markdown) to this file")
     _record.add_record_flag(p, "allow --out to be a tracked file (e.g. benchmarks/RESULTS.md)")
     return p
@@ -112,7 +118,44 @@ def in_process(args: argparse.Namespace) -> dict[str, list[float]]:
                 times[name].append(1000 * (time.perf_counter() - t0) / args.steps)
                 print(f"  round {r + 1}: {name}: {times[name][-1]:.1f} ms / step", flush=True)
         train_profile.set_levers(run, pooled=True, groups=True)
+        if args.text_groups:
+            times.update(text_groups(run, args.rounds))
         run.metrics.close()
+    return times
+
+
+TEXT_RULES = ("text: overhead scaled to the width", "text: flat 128 tokens", "text: one group")
+
+
+def text_groups(run, rounds: int, batches: int = 20) -> dict[str, list[float]]:
+    """ms a batch of the text tower's forward and backward under each of TEXT_RULES, the rules
+    alternating ``rounds`` times over the same ``batches`` batches of the run's own captions:
+    clipkit's rule (``text_padding.group_overhead``), the rule before it (128 tokens whatever the
+    width) and no split."""
+    from clipkit.models import text_padding
+    from clipkit.training import loop
+
+    text = run.acc.unwrap_model(run.model).text
+    tokens = [loop.next_micro_batches(run)[0][0]["text"] for _ in range(batches)]
+    scaled, built = text_padding.group_overhead, text_padding.GROUP_OVERHEAD_TOKENS
+    rules = {
+        TEXT_RULES[0]: scaled,
+        TEXT_RULES[1]: lambda width: built,
+        TEXT_RULES[2]: lambda width: 10**9,
+    }
+    times: dict[str, list[float]] = {name: [] for name in TEXT_RULES}
+    try:
+        for r in range(rounds):
+            for name, rule in rules.items():
+                text_padding.group_overhead = rule
+                t0 = time.perf_counter()
+                for t in tokens:
+                    text(t).square().sum().backward()
+                times[name].append(1000 * (time.perf_counter() - t0) / batches)
+                print(f"  round {r + 1}: {name}: {times[name][-1]:.1f} ms a batch", flush=True)
+    finally:
+        text_padding.group_overhead = scaled
+        text.zero_grad(set_to_none=True)
     return times
 
 
@@ -147,6 +190,23 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {name} | {med:.1f} | {min(times[name]):.1f}-{max(times[name]):.1f} | {med / base:.3f}x |"
         )
+    if args.text_groups:
+        base = statistics.median(times[TEXT_RULES[0]])
+        lines += [
+            "",
+            (
+                f"{setup}; the text tower alone, forward and backward of 20 batches of the run's "
+                f"captions, {args.rounds} rounds of the three rules in turn"
+            ),
+            "",
+            "| length groups | ms a batch (median of rounds) | range | vs the scaled rule |",
+            "|---|---:|---:|---:|",
+        ]
+        for name in TEXT_RULES:
+            med = statistics.median(times[name])
+            lines.append(
+                f"| {name} | {med:.1f} | {min(times[name]):.1f}-{max(times[name]):.1f} | {med / base:.3f}x |"
+            )
     base = statistics.median(x[0] for x in procs["all on"])
     lines += [
         "",

@@ -130,12 +130,10 @@ WARM_UP = {"openclip": "import open_clip_train.main", "clipkit": "import clipkit
 
 def warm_up_commands(tools: list[str]) -> list[list[str]]:
     """One ``python -c <import>`` per tool, in the tool's own interpreter."""
-    python = {"openclip": None, "clipkit": sys.executable}
-    cmds = []
-    for tool in tools:
-        py = python[tool] or str(ensure_openclip_env())
-        cmds.append([py, "-c", WARM_UP[tool]])
-    return cmds
+    return [
+        [sys.executable if tool == "clipkit" else str(ensure_openclip_env()), "-c", WARM_UP[tool]]
+        for tool in tools
+    ]
 
 
 def warm_up(tools: list[str]) -> None:

@@ -77,9 +77,11 @@ def causal_text_spec(m: nn.Module) -> CausalText | None:
 # 305-306. A group's fixed cost (the calls) hardly depends on the width, a token's work grows with
 # its square, so the overhead in tokens scales as (REFERENCE_WIDTH / width)**2 (``group_overhead``):
 # the tiny ViT's text tower (width 64) gets 2,048, more than a batch of 64 x 16 tokens can save,
-# and runs as one group. Measured on a 2-core AVX-512 CPU, forward and backward of 64 emoji
-# captions, 15 alternating runs: width 64, two groups 16.9 ms against one 13.8 ms; width 256, two
-# groups 260 ms against one 298 ms.
+# and runs as one group. Measured on a 2-core AVX-512 CPU, forward and backward of batches of 64
+# emoji captions, the rules alternating in one process: width 64, the flat 128 tokens 15.6 ms a
+# batch against one group 13.9 ms (``benchmarks/step_levers.py --text-groups``, 5 rounds; a
+# throwaway script's 15 rounds gave 16.9 against 13.8); width 256, two groups 260 ms against one
+# 298 ms.
 GROUP_OVERHEAD_TOKENS = 128
 REFERENCE_WIDTH = 256
 

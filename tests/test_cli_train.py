@@ -106,8 +106,9 @@ def test_console_script_builds_an_index_without_importing_torch(tmp_path):
     import subprocess
     import sys
 
-    from clipkit.cli.main import preloaded_modules
     from index_helpers import clustered, write_vectors
+
+    from clipkit.cli.main import preloaded_modules
 
     write_vectors(tmp_path / "emb", clustered(600, 16, seed=3), part_rows=300)
     code = (

@@ -12,6 +12,7 @@ import ast
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import faiss
@@ -180,6 +181,42 @@ def test_index_benchmark_verdicts(record, cached, build_ratio, qps_ratio, code):
     assert targets.exit_code() == code
     build = next(line for line in lines if "build time" in line)
     assert ("not measured in the same run" in build) == cached
+
+
+def test_index_benchmark_measures_other_keys_beside_the_pick_without_a_target(record):
+    """--also-key rows compare another clipkit key with autofaiss and with clipkit's pick; a slow
+    one changes no verdict."""
+    bench = load(BENCH / "index_vs_autofaiss.py")
+    m = _index_measurement(4.0)
+    slow = {"recall": 0.955, "qps1": 4500.0, "qps1000": 18000.0, "params": {"nprobe": 19}}
+    m |= {"clipkit --key IVF2048,SQ8": slow, "others": ["clipkit --key IVF2048,SQ8"]}
+    targets = bench._record.Targets()
+    lines = bench.verdicts("synthetic", {"build_s": 100.0}, {"build_s": 10.0}, m, targets)
+    assert targets.exit_code() == 0
+    assert lines[-1] == (
+        "clipkit --key IVF2048,SQ8: recall 0.9550; q/s against autofaiss at nprobe=3: batch 1 1.50x, "
+        "batch 1000 2.00x; against clipkit's pick: batch 1 0.38x, batch 1000 0.50x (no target)"
+    )
+    args = bench.build_parser().parse_args(["--also-key", "IVF2048,SQ8", "--also-key", "HNSW32"])
+    assert args.also_key == ["IVF2048,SQ8", "HNSW32"] and bench.build_parser().parse_args([]).also_key == []
+
+
+def test_index_benchmark_times_a_slow_index_on_a_few_queries_not_all():
+    bench = load(BENCH / "index_vs_autofaiss.py")
+    calls = []
+
+    class Slow:  # answers one query in 20 ms
+        def search(self, q, k):
+            calls.append(len(q))
+            time.sleep(0.02)
+
+    q = np.zeros((1000, 4), np.float32)
+    rate = bench.qps(Slow(), q, 1, min_s=0.1)
+    assert 5 <= len(calls) <= 7 and set(calls) == {1}  # not the 1,000 queries (20 s)
+    assert rate == pytest.approx(50, rel=0.3)
+    calls.clear()
+    bench.qps(Slow(), q, 1000, min_s=0.01)
+    assert calls == [1000]  # a batch of all the queries: one round
 
 
 def test_autofaiss_is_tuned_to_the_smallest_nprobe_reaching_clipkits_recall():

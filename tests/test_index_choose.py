@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from clipkit.index import choose
+from clipkit.index.families.ivf_refine import fast_scan_nlist
 
 
 def keys(n, d, budget):
@@ -26,28 +27,41 @@ def test_parse_memory():
 def test_small_collections_are_searched_exactly():
     p = choose.plan(1_500, 256, choose.parse_memory("512MB"))
     assert p.candidates[0].key == "Flat" and p.compare_families == 1
-    # ... unless Flat does not fit: 1,500 x 256 floats are 1.5 MiB.
-    assert keys(1_500, 256, "1MB")[0] == "IVF32,SQ8"
+    # ... unless Flat does not fit: 1,500 x 256 floats are 1.5 MiB. Then the inverted lists,
+    # fastest first: the fast-scan re-rank (on half IVF's lists), then IVF-SQ8.
+    assert keys(1_500, 256, "1MB")[:2] == ["IVF16,PQ128x4fsr,Refine(SQfp16)", "IVF32,SQ8"]
 
 
 def test_mid_size_compares_flat_hnsw_and_ivf():
     p = choose.plan(11_000, 256, choose.parse_memory("512MB"))
-    assert [c.key for c in p.candidates][:4] == ["Flat", "HNSW32", "IVF256,SQ8", "IVF256,Flat"]
+    assert [c.key for c in p.candidates][:5] == [
+        "Flat", "HNSW32", "IVF128,PQ128x4fsr,Refine(SQfp16)", "IVF256,SQ8", "IVF256,Flat"
+    ]  # fmt: skip
     assert p.compare_families == 3
     p = choose.plan(60_000, 256, choose.parse_memory("1G"))
-    assert [c.key for c in p.candidates][:3] == ["HNSW32", "IVF1024,SQ8", "IVF1024,Flat"]
+    assert [c.key for c in p.candidates][:4] == [
+        "HNSW32", "IVF512,PQ128x4fsr,Refine(SQfp16)", "IVF1024,SQ8", "IVF1024,Flat"
+    ]  # fmt: skip
     assert p.compare_families == 2
-    # With 40 MB, neither the graph (~78 MB) nor IVF-Flat fits: SQ8 first, then product codes.
+    # With 40 MB, neither the graph (~78 MB) nor IVF-Flat fits: the re-rank (35 MB), SQ8, then
+    # product codes.
     p = choose.plan(60_000, 256, choose.parse_memory("40MB"))
-    assert p.candidates[0].key == "IVF1024,SQ8"
+    assert [c.key for c in p.candidates][:3] == [
+        "IVF512,PQ128x4fsr,Refine(SQfp16)",
+        "IVF1024,SQ8",
+        "IVF1024,PQ128",
+    ]
     assert p.compare_families == 1
     assert {c.key for c, _ in p.rejected} == {"HNSW32", "IVF1024,Flat"}
+    # With 30 MB the re-rank does not fit either: SQ8 first.
+    assert keys(60_000, 256, "30MB")[0] == "IVF1024,SQ8"
 
 
 def test_the_benchmark_case_1m_x_256_in_512mb():
     p = choose.plan(1_000_000, 256, choose.parse_memory("512MB"))
     got = [c.key for c in p.candidates]
-    # Flat (1 GB) and IVF-Flat do not fit; SQ8 (256 MB of codes) is the most exact code that does.
+    # Flat (1 GB), IVF-Flat and the re-rank (560 MB) do not fit; SQ8 (256 MB of codes) is the
+    # most exact code that does.
     assert got[0] == "IVF4096,SQ8"
     assert got[1:] == [
         "IVF4096,PQ128",
@@ -56,12 +70,16 @@ def test_the_benchmark_case_1m_x_256_in_512mb():
         "OPQ16,IVF4096,PQ16",
         "OPQ8,IVF4096,PQ8",
     ]
-    assert "IVF4096,Flat" in {c.key for c, _ in p.rejected}
+    assert {"IVF4096,Flat", "IVF2048,PQ128x4fsr,Refine(SQfp16)"} <= {c.key for c, _ in p.rejected}
     assert 250 * 2**20 < p.candidates[0].index_bytes < 270 * 2**20  # 1M x (256 B code + 8 B id)
 
 
 def test_more_budget_and_tighter_budgets():
-    assert keys(1_000_000, 256, "2G")[:2] == ["IVF4096,SQ8", "IVF4096,Flat"]
+    assert keys(1_000_000, 256, "2G")[:3] == [
+        "IVF2048,PQ128x4fsr,Refine(SQfp16)",
+        "IVF4096,SQ8",
+        "IVF4096,Flat",
+    ]
     assert keys(1_000_000, 256, "100MB")[0] == "OPQ64,IVF4096,PQ64"
     assert keys(10_000_000, 768, "1G")[0] == "OPQ48,IVF16384,PQ48"
     with pytest.raises(
@@ -75,6 +93,8 @@ def test_nlist_rule():
     assert choose.ivf_nlist(100_000) == 1024
     assert choose.ivf_nlist(30_000) == 512  # 4 sqrt(n) = 693 -> 512
     assert choose.ivf_nlist(1_000) == 16  # at least 40 training points per list, floor 16
+    # The fast-scan re-rank: half the lists (2 sqrt(n)), same floor.
+    assert [fast_scan_nlist(n) for n in (1_000_000, 300_000, 30_000, 1_000)] == [2048, 1024, 256, 16]
 
 
 @pytest.mark.parametrize("key", ["Flat", "HNSW32", "IVF64,Flat", "IVF64,SQ8", "IVF64,PQ16", "OPQ8,IVF64,PQ8"])

@@ -57,12 +57,13 @@ def test_every_family_builds_and_reaches_the_target_against_numpy(collection, tm
     assert np.allclose(index.vector(7), x[7], atol=0.1)  # vectors read back (coded, so close)
 
 
-def test_the_chooser_proposes_ivf_refine_among_the_inverted_lists():
+def test_the_chooser_tries_ivf_refine_first_among_the_inverted_lists():
     p = choose.plan(60_000, 256, choose.parse_memory("1G"))
     keys = [c.key for c in p.candidates]
     refine = next(c for c in p.candidates if c.family == "ivf_refine")
-    assert refine.key == "IVF1024,PQ128x4fs,Refine(SQfp16)" and refine.structure == "ivf"
-    assert keys.index(refine.key) > keys.index("IVF1024,Flat")  # tried only where the others miss
+    # residual fast-scan codes, on half the lists of IVF's rule
+    assert refine.key == "IVF512,PQ128x4fsr,Refine(SQfp16)" and refine.structure == "ivf"
+    assert keys.index(refine.key) < keys.index("IVF1024,SQ8")  # the fastest lists, where they fit
     # 2.25 d + 8 bytes a vector: between IVF-SQ8 and IVF-Flat.
     sq8, flat = (next(c for c in p.candidates if c.key == k) for k in ("IVF1024,SQ8", "IVF1024,Flat"))
     assert sq8.index_bytes < refine.index_bytes < flat.index_bytes
@@ -79,14 +80,21 @@ def test_ivf_refine_estimate_matches_the_real_index():
     assert abs(cand.index_bytes - real) / real < 0.06, (cand.index_bytes, real)
 
 
-def test_builder_picks_ivf_refine_when_sq8_misses_and_ivf_flat_does_not_fit(tmp_path):
+def test_builder_picks_ivf_refine_where_it_fits_and_sq8_where_only_sq8_does(tmp_path):
     x = clustered(4000, 32, clusters=30, noise=0.8, seed=0)
     write_vectors(tmp_path / "emb", x, part_rows=1000)
-    # 450 KB: IVF-SQ8 (168 KiB), the re-rank (334 KiB) and PQ fit; Flat, HNSW, IVF-Flat do not.
+    # 250 KB: IVF-SQ8 (168 KiB) and PQ fit; the re-rank (334 KiB), Flat, HNSW, IVF-Flat do not.
+    report = build_index(tmp_path / "emb", tmp_path / "sq8", memory="250KB", target_recall=0.9,
+                         n_queries=300, **QUIET)  # fmt: skip
+    assert [t["key"] for t in report["tried"]] == ["IVF64,SQ8"] and report["target_reached"]
+    capped = build_index(tmp_path / "emb", tmp_path / "capped", key="IVF64,SQ8", target_recall=0.99,
+                         n_queries=300, **QUIET)  # fmt: skip
+    assert not capped["target_reached"] and capped["recall_at_10"] < 0.99
+    # 450 KB: the re-rank fits too, and is tried first; it reaches a target SQ8's rounding
+    # cannot (IVF64,SQ8 tops out below 0.99 with every list probed).
     report = build_index(tmp_path / "emb", tmp_path / "idx", memory="450KB", target_recall=0.99,
                          n_queries=300, **QUIET)  # fmt: skip
-    assert [t["key"] for t in report["tried"]] == ["IVF64,SQ8", "IVF64,PQ16x4fs,Refine(SQfp16)"]
-    assert report["tried"][0]["recall"] < 0.99  # SQ8's rounding caps it even with every list probed
+    assert [t["key"] for t in report["tried"]] == ["IVF32,PQ16x4fsr,Refine(SQfp16)"]
     assert report["family"] == "ivf_refine" and report["target_reached"]
     assert set(report["search_params"]) == {"nprobe", K_FACTOR}
     assert report["size_bytes"] <= 450 * 1024
@@ -122,7 +130,7 @@ def test_merge_of_ivf_refine_parts_equals_one_build_on_everything(tmp_path):
     write_vectors(tmp_path / "all", x, part_rows=500)
     write_vectors(tmp_path / "first", x[:1800], part_rows=500)
     write_vectors(tmp_path / "second", x[1800:], part_rows=500, key_prefix="w")
-    key = "IVF16,PQ8x4fs,Refine(SQfp16)"
+    key = "IVF16,PQ8x4fsr,Refine(SQfp16)"
     build_index(tmp_path / "all", tmp_path / "full", key=key, **QUIET)
     build_index(tmp_path / "first", tmp_path / "A", trained=tmp_path / "full", **QUIET)
     build_index(tmp_path / "second", tmp_path / "B", trained=tmp_path / "full", **QUIET)

@@ -18,8 +18,10 @@ The order, and why (each family's module gives its own reasons):
   the IVF candidates are contenders: in each structure the first candidate that reaches
   the target recall is built and tuned, and the one with the most queries/s at batch 1 is
   kept. Flat costs only its speed measurement (no training, exact by construction).
-* IVF with ``nlist`` = the power of two nearest ``4 * sqrt(n)``: ``SQ8``, ``Flat``, product
-  codes from the largest down, then the fast-scan + float16 re-rank of ``ivf_refine``.
+* The inverted lists, fastest first: the fast-scan + float16 re-rank of ``ivf_refine``
+  (``nlist`` the power of two nearest ``2 * sqrt(n)``, 2.25d + 8 bytes a vector), then IVF
+  with ``nlist`` nearest ``4 * sqrt(n)``: ``SQ8``, ``Flat``, product codes from the largest
+  down. A budget too small for the re-rank gets SQ8 (d + 8 bytes) or product codes.
 """
 
 from __future__ import annotations

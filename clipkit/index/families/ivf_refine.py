@@ -1,15 +1,30 @@
-"""``IVF<nlist>,PQ<m>x4fs,Refine(SQfp16)``: inverted lists scanned with 4-bit fast-scan PQ
-codes, then the best ``k * k_factor_rf`` candidates re-ranked with float16 vectors.
+"""``IVF<nlist>,PQ<m>x4fsr,Refine(SQfp16)``: inverted lists scanned with 4-bit fast-scan PQ
+codes of each vector's residual from its list's centroid, then the best ``k * k_factor_rf``
+candidates re-ranked with float16 vectors.
 
 Memory per vector: m/2 bytes of fast-scan code + 2d bytes of float16 + an 8-byte id, with
-m = d/2 (2.25d + 8 bytes: about half of IVF-Flat's 4d + 8). The float16 re-rank is
-near-exact, so it reaches targets that IVF-SQ8 cannot (SQ8's rounding flattens recall below
-very high targets), and the fast-scan pass reads a quarter of SQ8's bytes.
+m = d/2 (2.25d + 8 bytes: 2.2x IVF-SQ8's d + 8, about half of IVF-Flat's 4d + 8).
 
-It competes within the inverted lists under the same rules as ``ivf``: proposed at every
-size, after the ``ivf`` candidates, with codes finer than SQ8's and coarser than Flat's. So
-the builder tries it where SQ8 missed the target and IVF-Flat does not fit the budget (or
-missed too, which an exhaustive IVF-Flat cannot), and then it reuses SQ8's k-means.
+The fastest inverted lists at a given recall, so the chooser tries it first among them
+(``order``) wherever it fits the budget; IVF-SQ8 and the others follow, for budgets it does
+not fit. On 300k clustered 256-d vectors (2 threads, recall@10 0.955-0.958, every index
+measured alternately in one process: ``benchmarks/index_vs_autofaiss.py --n 300000
+--no-bundled --also-key ...``, in benchmarks/RESULTS.md, 2026-12-04 04:44), queries/s at
+batch 1 / batch 1000:
+
+* ``IVF1024,PQ128x4fsr,Refine(SQfp16)`` (this family's pick): 12.4k / 41.1k, built in 8 s;
+* ``IVF2048,SQ8`` (the pick before): 7.0k / 16.4k, 11 s. The fast-scan pass reads a
+  quarter of SQ8's bytes per vector, with SIMD table lookups, and the float16 re-rank is
+  near-exact, so the 4-bit codes only have to put the true neighbours among
+  ``k * k_factor_rf`` candidates;
+* ``IVF2048,PQ128x4fsr,Refine(SQfp16)``: 8.2k / 29.2k, 15 s. ``nlist`` is the power of two
+  nearest ``2 * sqrt(n)``, half IVF's (``fast_scan_nlist``): each list costs one centroid
+  comparison per query, and the scan is cheap, so fewer, longer lists answer faster and
+  train in half the time;
+* ``IVF1024,PQ128x4fs,Refine(SQfp16)`` (codes of the vectors, not of their residuals from
+  the list's centroid): 6.1k / 22.8k; it needed a re-rank 3x larger (k_factor 32 against 11).
+
+Keys built before residual codes (``PQ<m>x4fs``) still load, merge and parse.
 Search parameters: ``nprobe`` and ``k_factor_rf``, tuned in that order (``tune``).
 """
 
@@ -42,15 +57,22 @@ from clipkit.index.families.ivf import (
 K_FACTOR = "k_factor_rf"  # FAISS's ParameterSpace name for IndexRefine.k_factor
 K_FACTOR_MAX = 64  # re-rank at most 64 k candidates (640 float16 vectors for k = 10)
 BLOCK = 32  # fast-scan codes are stored in blocks of 32 vectors per list
-KEY_RE = re.compile(r"IVF(\d+),PQ(\d+)x4fs,Refine\(SQfp16\)")
+KEY_RE = re.compile(r"IVF(\d+),PQ(\d+)x4fs(r?),Refine\(SQfp16\)")
+
+
+def fast_scan_nlist(n: int) -> int:
+    """Half of ``ivf_nlist(n)``: the power of two nearest 2*sqrt(n), at least 16."""
+    return max(16, ivf_nlist(n) // 2)
 
 
 @FAMILIES.register("ivf_refine")
 class IVFRefine(Family):
-    structure, order, search_param, shares_training = "ivf", 3, "nprobe", True
-    key_forms = ("IVF<nlist>,PQ<m>x4fs,Refine(SQfp16)",)
+    structure, order, search_param, shares_training = "ivf", 2, "nprobe", True
+    key_forms = ("IVF<nlist>,PQ<m>x4fsr,Refine(SQfp16)",)
 
-    def estimate(self, n: int, d: int, nlist: int, m: int, shard_rows: int) -> Candidate:
+    def estimate(
+        self, n: int, d: int, nlist: int, m: int, shard_rows: int, residual: bool = True
+    ) -> Candidate:
         train = min(n, TRAIN_PER_LIST * nlist)
         code_bytes = (m + 1) // 2 + 2 * d  # 4-bit codes + float16 vector
         centroids = nlist * d * 4
@@ -61,11 +83,11 @@ class IVFRefine(Family):
         size = centroids + trained + lists + refine
         train_peak = train * d * 4 + train * 12 + centroids * 2 + 2 * min(train, PQ_TRAIN_POINTS) * d * 4
         add_peak = int((lists + refine) * VECTOR_SLACK) + centroids + trained + 2 * shard_rows * d * 4
-        key = f"IVF{nlist},PQ{m}x4fs,Refine(SQfp16)"
+        key = f"IVF{nlist},PQ{m}x4fs{'r' if residual else ''},Refine(SQfp16)"
         return Candidate(key, "ivf_refine", "ivf", code_bytes, nlist, train, size, max(train_peak, add_peak))
 
     def propose(self, n: int, d: int, shard_rows: int) -> list[Candidate]:
-        return [self.estimate(n, d, ivf_nlist(n), d // 2, shard_rows)] if d % 2 == 0 else []
+        return [self.estimate(n, d, fast_scan_nlist(n), d // 2, shard_rows)] if d % 2 == 0 else []
 
     def parse(self, key: str, n: int, d: int, shard_rows: int) -> Candidate | None:
         match = KEY_RE.fullmatch(key)
@@ -74,7 +96,7 @@ class IVFRefine(Family):
         m = int(match.group(2))
         if d % m:
             raise IndexChoiceError(f"index key {key!r}: PQ{m} needs d={d} divisible by {m}")
-        return self.estimate(n, d, int(match.group(1)), m, shard_rows)
+        return self.estimate(n, d, int(match.group(1)), m, shard_rows, residual=bool(match.group(3)))
 
     def new_index(
         self, cand: Candidate, d: int, draw: Callable[[int], np.ndarray], cache: dict

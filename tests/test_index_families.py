@@ -144,3 +144,30 @@ def test_merge_of_ivf_refine_parts_equals_one_build_on_everything(tmp_path):
     assert strip(merged.search(q, 10)) == strip(full.search(q, 10))
     assert merged.rows([1800])[0]["key"] == "w000000"
     np.testing.assert_array_equal(merged.vector(2500), full.vector(2500))
+
+
+def test_ivf_refine_tuning_does_not_stop_at_a_k_factor_plateau_below_the_target():
+    # Recall against k_factor can stall and then jump: on 11k real embeddings with a large group
+    # of identical vectors it went 0.952, 0.952, 0.952 for k_factor 8, 16, 32 and 0.971 at 64,
+    # once the re-rank took in the whole group. The search must keep doubling to the maximum,
+    # where the nprobe step already saw the target reached, and bisect below it.
+    x = clustered(2000, 16, clusters=10, seed=31)
+    index = faiss.index_factory(16, "IVF16,PQ8x4fsr,Refine(SQfp16)", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    ivf, refine = faiss.extract_index_ivf(index), faiss.downcast_index(index)
+
+    asked = []
+
+    class Curve:  # recall read off the index's current search parameters
+        def recall(self, idx):
+            nprobe, kf = ivf.nprobe, int(refine.k_factor)
+            asked.append((nprobe, kf))
+            r = min(1.0, 0.6 + 0.1 * nprobe) if kf >= 40 else min(0.952, 0.7 + 0.1 * kf)
+            return r, r - 0.005
+
+    params, (_, bound), curve = family("ivf_refine").tune(index, Curve(), 0.95)
+    assert params == {"nprobe": 4, K_FACTOR: 40} and bound >= 0.95  # the smallest k_factor reaching it
+    assert (ivf.nprobe, refine.k_factor) == (4, 40)  # left set on the index
+    assert (4, 32) in asked and (4, 64) in asked  # doubled past the plateau
+    assert ({"nprobe": 4, K_FACTOR: 64}, 1.0) in curve

@@ -63,14 +63,19 @@ def set_search_params(index: faiss.Index, params: dict[str, int]) -> None:
         ps.set_index_parameter(index, name, int(value))
 
 
-def tune_param(index: faiss.Index, name: str, start: int, top: int, ev: Any, target: float) -> TuneResult:
+def tune_param(
+    index: faiss.Index, name: str, start: int, top: int, ev: Any, target: float, plateau: bool = True
+) -> TuneResult:
     """Smallest value of search parameter ``name`` whose recall bound reaches ``target``.
 
     ``ev.recall(index)`` gives (mean recall, lower bound). Returns (params, (recall, bound),
     curve). Doubles the value from ``start`` until the target is met, the value reaches
-    ``top`` (exhaustive), or recall stops rising (< 0.002 over two doublings); then bisects
-    between the last miss and the first hit. Recall is assumed non-decreasing in the value.
-    If the target is never met, the value with the best mean recall is kept.
+    ``top`` (exhaustive), or (with ``plateau``) recall stops rising (< 0.002 over two
+    doublings); then bisects between the last miss and the first hit. Recall is assumed
+    non-decreasing in the value. If the target is never met, the value with the best mean
+    recall is kept. ``plateau=False`` is for a search known to reach the target at ``top``:
+    recall may then stall and jump (a re-rank that takes in a whole group of tied duplicates
+    at once), and only ``top`` ends the doubling.
     """
     measured: dict[int, tuple[float, float]] = {}
 
@@ -85,7 +90,7 @@ def tune_param(index: faiss.Index, name: str, start: int, top: int, ev: Any, tar
         means.append(measured[value][0])
         if reached or value >= top:
             break
-        if len(means) >= 3 and means[-1] - means[-3] < 0.002:
+        if plateau and len(means) >= 3 and means[-1] - means[-3] < 0.002:
             break  # plateau: the codes, not the search, limit recall
         low, value = value, min(value * 2, top)
     if reached:

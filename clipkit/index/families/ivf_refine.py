@@ -119,7 +119,11 @@ class IVFRefine(Family):
         points = [({"nprobe": v, K_FACTOR: K_FACTOR_MAX}, r) for v, r in curve]
         if bound < target:  # more re-ranking cannot help at the best nprobe found
             return probe | {K_FACTOR: K_FACTOR_MAX}, (recall, bound), points
-        factor, result, curve = tune_param(index, K_FACTOR, 1, K_FACTOR_MAX, ev, target)
+        # Known to reach the target at K_FACTOR_MAX: no plateau stop. On the bundled images (11k
+        # real embeddings with groups of identical ones) recall at nprobe 16 went 0.9524, 0.9516,
+        # 0.9519 for k_factor 8, 16, 32 and 0.9712 at 64; the plateau rule stopped at 32 and kept
+        # k_factor 8, below the target.
+        factor, result, curve = tune_param(index, K_FACTOR, 1, K_FACTOR_MAX, ev, target, plateau=False)
         points += [({**probe, K_FACTOR: v}, r) for v, r in curve if v != K_FACTOR_MAX]
         return probe | factor, result, points
 

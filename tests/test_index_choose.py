@@ -28,42 +28,49 @@ def test_small_collections_are_searched_exactly():
     p = choose.plan(1_500, 256, choose.parse_memory("512MB"))
     assert p.candidates[0].key == "Flat" and p.compare_families == 1
     # ... unless Flat does not fit: 1,500 x 256 floats are 1.5 MiB. Then the inverted lists,
-    # fastest first: the fast-scan re-rank (on half IVF's lists), then IVF-SQ8.
-    assert keys(1_500, 256, "1MB")[:2] == ["IVF16,PQ128x4fsr,Refine(SQfp16)", "IVF32,SQ8"]
+    # fastest first: the fast-scan re-ranks (on half IVF's lists), then IVF-SQ8.
+    assert keys(1_500, 256, "1MB")[:3] == [
+        "IVF16,PQ128x4fsr,Refine(SQfp16)", "IVF16,PQ128x4fsr,Refine(SQ8)", "IVF32,SQ8"
+    ]  # fmt: skip
 
 
 def test_mid_size_compares_flat_hnsw_and_ivf():
     p = choose.plan(11_000, 256, choose.parse_memory("512MB"))
-    assert [c.key for c in p.candidates][:5] == [
-        "Flat", "HNSW32", "IVF128,PQ128x4fsr,Refine(SQfp16)", "IVF256,SQ8", "IVF256,Flat"
+    assert [c.key for c in p.candidates][:6] == [
+        "Flat", "HNSW32", "IVF128,PQ128x4fsr,Refine(SQfp16)", "IVF128,PQ128x4fsr,Refine(SQ8)", "IVF256,SQ8",
+        "IVF256,Flat",
     ]  # fmt: skip
     assert p.compare_families == 3
     p = choose.plan(60_000, 256, choose.parse_memory("1G"))
-    assert [c.key for c in p.candidates][:4] == [
-        "HNSW32", "IVF512,PQ128x4fsr,Refine(SQfp16)", "IVF1024,SQ8", "IVF1024,Flat"
+    assert [c.key for c in p.candidates][:5] == [
+        "HNSW32", "IVF512,PQ128x4fsr,Refine(SQfp16)", "IVF512,PQ128x4fsr,Refine(SQ8)", "IVF1024,SQ8",
+        "IVF1024,Flat",
     ]  # fmt: skip
     assert p.compare_families == 2
-    # With 40 MB, neither the graph (~78 MB) nor IVF-Flat fits: the re-rank (35 MB), SQ8, then
-    # product codes.
+    # With 40 MB, neither the graph (~78 MB) nor IVF-Flat fits: the re-ranks (35 and 19 MB), SQ8,
+    # then product codes.
     p = choose.plan(60_000, 256, choose.parse_memory("40MB"))
-    assert [c.key for c in p.candidates][:3] == [
+    assert [c.key for c in p.candidates][:4] == [
         "IVF512,PQ128x4fsr,Refine(SQfp16)",
+        "IVF512,PQ128x4fsr,Refine(SQ8)",
         "IVF1024,SQ8",
         "IVF1024,PQ128",
     ]
     assert p.compare_families == 1
     assert {c.key for c, _ in p.rejected} == {"HNSW32", "IVF1024,Flat"}
-    # With 30 MB the re-rank does not fit either: SQ8 first.
-    assert keys(60_000, 256, "30MB")[0] == "IVF1024,SQ8"
+    # With 30 MB the float16 re-rank does not fit, the 8-bit one does; with 18 MB neither: SQ8 first.
+    assert keys(60_000, 256, "30MB")[:2] == ["IVF512,PQ128x4fsr,Refine(SQ8)", "IVF1024,SQ8"]
+    assert keys(60_000, 256, "18MB")[0] == "IVF1024,SQ8"
 
 
 def test_the_benchmark_case_1m_x_256_in_512mb():
     p = choose.plan(1_000_000, 256, choose.parse_memory("512MB"))
     got = [c.key for c in p.candidates]
-    # Flat (1 GB), IVF-Flat and the re-rank (560 MB) do not fit; SQ8 (256 MB of codes) is the
-    # most exact code that does.
-    assert got[0] == "IVF4096,SQ8"
-    assert got[1:] == [
+    # Flat (1 GB), IVF-Flat and the float16 re-rank (560 MB) do not fit; the fast-scan lists with
+    # an 8-bit re-rank (313 MiB) come first, then SQ8 (256 MB of codes), the most exact code of
+    # the plain lists that does.
+    assert got[:2] == ["IVF2048,PQ128x4fsr,Refine(SQ8)", "IVF4096,SQ8"]
+    assert got[2:] == [
         "IVF4096,PQ128",
         "OPQ64,IVF4096,PQ64",
         "OPQ32,IVF4096,PQ32",
@@ -71,12 +78,14 @@ def test_the_benchmark_case_1m_x_256_in_512mb():
         "OPQ8,IVF4096,PQ8",
     ]
     assert {"IVF4096,Flat", "IVF2048,PQ128x4fsr,Refine(SQfp16)"} <= {c.key for c, _ in p.rejected}
-    assert 250 * 2**20 < p.candidates[0].index_bytes < 270 * 2**20  # 1M x (256 B code + 8 B id)
+    assert 250 * 2**20 < p.candidates[1].index_bytes < 270 * 2**20  # 1M x (256 B code + 8 B id)
+    assert 310 * 2**20 < p.candidates[0].index_bytes < 320 * 2**20  # 1M x (64 + 256 + 8 B)
 
 
 def test_more_budget_and_tighter_budgets():
-    assert keys(1_000_000, 256, "2G")[:3] == [
+    assert keys(1_000_000, 256, "2G")[:4] == [
         "IVF2048,PQ128x4fsr,Refine(SQfp16)",
+        "IVF2048,PQ128x4fsr,Refine(SQ8)",
         "IVF4096,SQ8",
         "IVF4096,Flat",
     ]

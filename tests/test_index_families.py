@@ -69,9 +69,12 @@ def test_the_chooser_tries_ivf_refine_first_among_the_inverted_lists():
     assert sq8.index_bytes < refine.index_bytes < flat.index_bytes
 
 
-def test_ivf_refine_estimate_matches_the_real_index():
+@pytest.mark.parametrize(
+    "key", ["IVF64,PQ16x4fs,Refine(SQfp16)", "IVF64,PQ16x4fsr,Refine(SQfp16)", "IVF64,PQ16x4fsr,Refine(SQ8)"]
+)
+def test_ivf_refine_estimate_matches_the_real_index(key):
     n, d = 6_000, 32
-    cand = choose.estimate("IVF64,PQ16x4fs,Refine(SQfp16)", n, d)
+    cand = choose.estimate(key, n, d)
     x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
     index = faiss.index_factory(d, cand.key, faiss.METRIC_INNER_PRODUCT)
     index.train(x[:2560])
@@ -83,13 +86,19 @@ def test_ivf_refine_estimate_matches_the_real_index():
 def test_builder_picks_ivf_refine_where_it_fits_and_sq8_where_only_sq8_does(tmp_path):
     x = clustered(4000, 32, clusters=30, noise=0.8, seed=0)
     write_vectors(tmp_path / "emb", x, part_rows=1000)
-    # 250 KB: IVF-SQ8 (168 KiB) and PQ fit; the re-rank (334 KiB), Flat, HNSW, IVF-Flat do not.
-    report = build_index(tmp_path / "emb", tmp_path / "sq8", memory="250KB", target_recall=0.9,
+    # 180 KB: IVF-SQ8 (168 KiB) and PQ fit; the re-ranks (324 and 199 KiB), Flat, HNSW, IVF-Flat
+    # do not.
+    report = build_index(tmp_path / "emb", tmp_path / "sq8", memory="180KB", target_recall=0.9,
                          n_queries=300, **QUIET)  # fmt: skip
     assert [t["key"] for t in report["tried"]] == ["IVF64,SQ8"] and report["target_reached"]
     capped = build_index(tmp_path / "emb", tmp_path / "capped", key="IVF64,SQ8", target_recall=0.99,
                          n_queries=300, **QUIET)  # fmt: skip
     assert not capped["target_reached"] and capped["recall_at_10"] < 0.99
+    # 250 KB: the 8-bit re-rank (199 KiB) fits as well, the float16 one does not.
+    report = build_index(tmp_path / "emb", tmp_path / "rsq8", memory="250KB", target_recall=0.9,
+                         n_queries=300, **QUIET)  # fmt: skip
+    assert [t["key"] for t in report["tried"]] == ["IVF32,PQ16x4fsr,Refine(SQ8)"] and report["target_reached"]
+    assert report["size_bytes"] <= 250 * 1024
     # 450 KB: the re-rank fits too, and is tried first; it reaches a target SQ8's rounding
     # cannot (IVF64,SQ8 tops out below 0.99 with every list probed).
     report = build_index(tmp_path / "emb", tmp_path / "idx", memory="450KB", target_recall=0.99,
@@ -125,12 +134,13 @@ def test_ivf_refine_search_params_round_trip_through_report_json(tmp_path):
     assert faiss.extract_index_ivf(loaded.index).nprobe == 3
 
 
-def test_merge_of_ivf_refine_parts_equals_one_build_on_everything(tmp_path):
+@pytest.mark.parametrize("code", ["SQfp16", "SQ8"])
+def test_merge_of_ivf_refine_parts_equals_one_build_on_everything(tmp_path, code):
     x = clustered(3000, 16, clusters=20, seed=23)
     write_vectors(tmp_path / "all", x, part_rows=500)
     write_vectors(tmp_path / "first", x[:1800], part_rows=500)
     write_vectors(tmp_path / "second", x[1800:], part_rows=500, key_prefix="w")
-    key = "IVF16,PQ8x4fsr,Refine(SQfp16)"
+    key = f"IVF16,PQ8x4fsr,Refine({code})"
     build_index(tmp_path / "all", tmp_path / "full", key=key, **QUIET)
     build_index(tmp_path / "first", tmp_path / "A", trained=tmp_path / "full", **QUIET)
     build_index(tmp_path / "second", tmp_path / "B", trained=tmp_path / "full", **QUIET)

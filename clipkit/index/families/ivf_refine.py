@@ -57,7 +57,8 @@ from clipkit.index.families.ivf import (
 K_FACTOR = "k_factor_rf"  # FAISS's ParameterSpace name for IndexRefine.k_factor
 K_FACTOR_MAX = 64  # re-rank at most 64 k candidates (640 float16 vectors for k = 10)
 BLOCK = 32  # fast-scan codes are stored in blocks of 32 vectors per list
-KEY_RE = re.compile(r"IVF(\d+),PQ(\d+)x4fs(r?),Refine\(SQfp16\)")
+KEY_RE = re.compile(r"IVF(\d+),PQ(\d+)x4fs(r?),Refine\((SQfp16|SQ8)\)")
+REFINE_CODES = ("SQfp16", "SQ8")  # re-rank vectors, most exact first: 2 or 1 byte a dimension
 
 
 def fast_scan_nlist(n: int) -> int:
@@ -68,26 +69,40 @@ def fast_scan_nlist(n: int) -> int:
 @FAMILIES.register("ivf_refine")
 class IVFRefine(Family):
     structure, order, search_param, shares_training = "ivf", 2, "nprobe", True
-    key_forms = ("IVF<nlist>,PQ<m>x4fsr,Refine(SQfp16)",)
+    key_forms = ("IVF<nlist>,PQ<m>x4fsr,Refine(SQfp16)", "IVF<nlist>,PQ<m>x4fsr,Refine(SQ8)")
 
     def estimate(
-        self, n: int, d: int, nlist: int, m: int, shard_rows: int, residual: bool = True
+        self,
+        n: int,
+        d: int,
+        nlist: int,
+        m: int,
+        shard_rows: int,
+        residual: bool = True,
+        refine_code: str = "SQfp16",
     ) -> Candidate:
         train = min(n, TRAIN_PER_LIST * nlist)
-        code_bytes = (m + 1) // 2 + 2 * d  # 4-bit codes + float16 vector
+        per_dim = 2 if refine_code == "SQfp16" else 1  # float16, or 8-bit scalar codes
+        code_bytes = (m + 1) // 2 + per_dim * d  # 4-bit codes + the re-rank vector
         centroids = nlist * d * 4
         trained = 16 * d * 4  # m sub-quantizers x 16 centroids x d/m floats
+        if refine_code == "SQ8":
+            trained += 2 * d * 4  # SQ8's range per dimension
         # Per list, the last block of codes is half empty on average; ids are not padded.
         lists = n * ((m + 1) // 2 + 8) + nlist * (BLOCK // 2 * ((m + 1) // 2) + 48)
-        refine = n * 2 * d
+        refine = n * per_dim * d
         size = centroids + trained + lists + refine
         train_peak = train * d * 4 + train * 12 + centroids * 2 + 2 * min(train, PQ_TRAIN_POINTS) * d * 4
         add_peak = int((lists + refine) * VECTOR_SLACK) + centroids + trained + 2 * shard_rows * d * 4
-        key = f"IVF{nlist},PQ{m}x4fs{'r' if residual else ''},Refine(SQfp16)"
+        key = f"IVF{nlist},PQ{m}x4fs{'r' if residual else ''},Refine({refine_code})"
         return Candidate(key, "ivf_refine", "ivf", code_bytes, nlist, train, size, max(train_peak, add_peak))
 
     def propose(self, n: int, d: int, shard_rows: int) -> list[Candidate]:
-        return [self.estimate(n, d, fast_scan_nlist(n), d // 2, shard_rows)] if d % 2 == 0 else []
+        if d % 2:
+            return []
+        return [
+            self.estimate(n, d, fast_scan_nlist(n), d // 2, shard_rows, refine_code=c) for c in REFINE_CODES
+        ]
 
     def parse(self, key: str, n: int, d: int, shard_rows: int) -> Candidate | None:
         match = KEY_RE.fullmatch(key)
@@ -96,7 +111,15 @@ class IVFRefine(Family):
         m = int(match.group(2))
         if d % m:
             raise IndexChoiceError(f"index key {key!r}: PQ{m} needs d={d} divisible by {m}")
-        return self.estimate(n, d, int(match.group(1)), m, shard_rows, residual=bool(match.group(3)))
+        return self.estimate(
+            n,
+            d,
+            int(match.group(1)),
+            m,
+            shard_rows,
+            residual=bool(match.group(3)),
+            refine_code=match.group(4),
+        )
 
     def new_index(
         self, cand: Candidate, d: int, draw: Callable[[int], np.ndarray], cache: dict

@@ -18,10 +18,11 @@ The order, and why (each family's module gives its own reasons):
   the IVF candidates are contenders: in each structure the first candidate that reaches
   the target recall is built and tuned, and the one with the most queries/s at batch 1 is
   kept. Flat costs only its speed measurement (no training, exact by construction).
-* The inverted lists, fastest first: the fast-scan + float16 re-rank of ``ivf_refine``
-  (``nlist`` the power of two nearest ``2 * sqrt(n)``, 2.25d + 8 bytes a vector), then IVF
-  with ``nlist`` nearest ``4 * sqrt(n)``: ``SQ8``, ``Flat``, product codes from the largest
-  down. A budget too small for the re-rank gets SQ8 (d + 8 bytes) or product codes.
+* The inverted lists, fastest first: the fast-scan lists of ``ivf_refine`` (``nlist`` the
+  power of two nearest ``2 * sqrt(n)``) with a float16 re-rank (2.25d + 8 bytes a vector),
+  then with an 8-bit one (1.25d + 8), then IVF with ``nlist`` nearest ``4 * sqrt(n)``:
+  ``SQ8``, ``Flat``, product codes from the largest down. A budget too small for either
+  re-rank gets SQ8 (d + 8 bytes) or product codes.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     flat.py        Flat: exact scan
     hnsw.py        HNSW<M>: graph, efSearch
     ivf.py         IVF<nlist>,{SQ8,Flat,PQ<m>} (+ OPQ): inverted lists, nprobe
-    ivf_refine.py  IVF<nlist>,PQ<m>x4fsr,Refine(SQfp16): fast-scan lists + float16 re-rank
+    ivf_refine.py  IVF<nlist>,PQ<m>x4fsr,Refine(SQfp16|SQ8): fast-scan lists + float16 / 8-bit re-rank
 
 Adding a family is one module here (a ``Family`` subclass under ``@FAMILIES.register``) and
 its line below; the chooser, builder, loader and merger find it through ``FAMILIES``, and

@@ -9,8 +9,8 @@ first among those the chooser tries before the smaller ones:
   when each sub-quantizer covers >= 4 dims; with 2 dims per sub-quantizer it buys little
   and trains slowly).
 
-Proposed at every size, after the fast-scan re-rank of ``ivf_refine`` (faster, 2.2x SQ8's
-memory): for budgets that the re-rank does not fit, or targets it misses. It also backs up a
+Proposed at every size, after the fast-scan re-ranks of ``ivf_refine`` (faster, 1.3-2.2x
+SQ8's memory): for budgets that they do not fit, or targets they miss. It also backs up a
 small collection whose Flat index exceeds the budget. Candidates with the same lists share one
 k-means (``new_index``).
 """

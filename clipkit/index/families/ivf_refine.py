@@ -1,9 +1,12 @@
-"""``IVF<nlist>,PQ<m>x4fsr,Refine(SQfp16)``: inverted lists scanned with 4-bit fast-scan PQ
+"""``IVF<nlist>,PQ<m>x4fsr,Refine(SQfp16|SQ8)``: inverted lists scanned with 4-bit fast-scan PQ
 codes of each vector's residual from its list's centroid, then the best ``k * k_factor_rf``
-candidates re-ranked with float16 vectors.
+candidates re-ranked with float16 vectors, or 8-bit scalar codes where those do not fit.
 
-Memory per vector: m/2 bytes of fast-scan code + 2d bytes of float16 + an 8-byte id, with
-m = d/2 (2.25d + 8 bytes: 2.2x IVF-SQ8's d + 8, about half of IVF-Flat's 4d + 8).
+Memory per vector: m/2 bytes of fast-scan code + 2d bytes of float16 (d bytes of SQ8) + an
+8-byte id, with m = d/2: 2.25d + 8 bytes, 2.2x IVF-SQ8's d + 8 and about half of IVF-Flat's
+4d + 8; with the 8-bit re-rank 1.25d + 8, which fits 1M x 256 in 512 MB (313 MiB). The
+8-bit re-rank's rounding caps its recall as IVF-SQ8's does, so it comes second: where the
+float16 one fits, it is tried first; where that misses, the 8-bit one (coarser) is skipped.
 
 The fastest inverted lists at a given recall, so the chooser tries it first among them
 (``order``) wherever it fits the budget; IVF-SQ8 and the others follow, for budgets it does

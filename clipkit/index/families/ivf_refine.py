@@ -27,6 +27,11 @@ batch 1 / batch 1000:
 * ``IVF1024,PQ128x4fs,Refine(SQfp16)`` (codes of the vectors, not of their residuals from
   the list's centroid): 6.1k / 22.8k; it needed a re-rank 3x larger (k_factor 32 against 11).
 
+On 1M of them in 512 MB, where only the 8-bit re-rank fits (``--n 1000000 --no-bundled
+--also-key IVF4096,SQ8``, RESULTS.md 2026-12-04 06:17): ``IVF2048,PQ128x4fsr,Refine(SQ8)``
+5.5k / 19.7k at recall 0.954, built in 28 s, against ``IVF4096,SQ8``'s 3.0k / 6.9k at 0.959,
+built in 46 s.
+
 Keys built before residual codes (``PQ<m>x4fs``) still load, merge and parse.
 Search parameters: ``nprobe`` and ``k_factor_rf``, tuned in that order (``tune``).
 """

@@ -4,13 +4,12 @@ candidates re-ranked with float16 vectors, or 8-bit scalar codes where those do 
 
 Memory per vector: m/2 bytes of fast-scan code + 2d bytes of float16 (d bytes of SQ8) + an
 8-byte id, with m = d/2: 2.25d + 8 bytes, 2.2x IVF-SQ8's d + 8 and about half of IVF-Flat's
-4d + 8; with the 8-bit re-rank 1.25d + 8, which fits 1M x 256 in 512 MB (313 MiB). The
-8-bit re-rank's rounding caps its recall as IVF-SQ8's does, so it comes second: where the
-float16 one fits, it is tried first; where that misses, the 8-bit one (coarser) is skipped.
+4d + 8; with the 8-bit re-rank 1.25d + 8, which fits 1M x 256 in 512 MB (313 MiB).
 
-The fastest inverted lists at a given recall, so the chooser tries it first among them
-(``order``) wherever it fits the budget; IVF-SQ8 and the others follow, for budgets it does
-not fit. On 300k clustered 256-d vectors (2 threads, recall@10 0.955-0.958, every index
+The fastest inverted lists at a given recall, so the chooser tries them first among the
+inverted lists (``order``) wherever they fit the budget: the float16 re-rank, then the 8-bit
+one (its rounding caps recall as IVF-SQ8's does; where the float16 one misses, this coarser
+one is skipped), then IVF-SQ8 and the others. On 300k clustered 256-d vectors (2 threads, recall@10 0.955-0.958, every index
 measured alternately in one process: ``benchmarks/index_vs_autofaiss.py --n 300000
 --no-bundled --also-key ...``, in benchmarks/RESULTS.md, 2026-12-04 04:44), queries/s at
 batch 1 / batch 1000:
@@ -63,10 +62,11 @@ from clipkit.index.families.ivf import (
 )
 
 K_FACTOR = "k_factor_rf"  # FAISS's ParameterSpace name for IndexRefine.k_factor
-K_FACTOR_MAX = 64  # re-rank at most 64 k candidates (640 float16 vectors for k = 10)
+K_FACTOR_MAX = 64  # re-rank at most 64 k candidates (640 vectors for k = 10)
 BLOCK = 32  # fast-scan codes are stored in blocks of 32 vectors per list
-KEY_RE = re.compile(r"IVF(\d+),PQ(\d+)x4fs(r?),Refine\((SQfp16|SQ8)\)")
-REFINE_CODES = ("SQfp16", "SQ8")  # re-rank vectors, most exact first: 2 or 1 byte a dimension
+# Re-rank codes, most exact first: (bytes a dimension, trained floats a dimension: SQ8's range).
+REFINE_CODES = {"SQfp16": (2, 0), "SQ8": (1, 2)}
+KEY_RE = re.compile(rf"IVF(\d+),PQ(\d+)x4fs(r?),Refine\(({'|'.join(REFINE_CODES)})\)")
 
 
 def fast_scan_nlist(n: int) -> int:
@@ -90,12 +90,10 @@ class IVFRefine(Family):
         refine_code: str = "SQfp16",
     ) -> Candidate:
         train = min(n, TRAIN_PER_LIST * nlist)
-        per_dim = 2 if refine_code == "SQfp16" else 1  # float16, or 8-bit scalar codes
+        per_dim, ranges = REFINE_CODES[refine_code]
         code_bytes = (m + 1) // 2 + per_dim * d  # 4-bit codes + the re-rank vector
         centroids = nlist * d * 4
-        trained = 16 * d * 4  # m sub-quantizers x 16 centroids x d/m floats
-        if refine_code == "SQ8":
-            trained += 2 * d * 4  # SQ8's range per dimension
+        trained = (16 + ranges) * d * 4  # m sub-quantizers x 16 centroids x d/m floats (+ SQ8's range)
         # Per list, the last block of codes is half empty on average; ids are not padded.
         lists = n * ((m + 1) // 2 + 8) + nlist * (BLOCK // 2 * ((m + 1) // 2) + 48)
         refine = n * per_dim * d

@@ -10,6 +10,8 @@ export PYTHONUNBUFFERED := 1
 
 # Debian packages: chromium drives the search page test; openclipart gives real clip-art;
 # oxygen-icon-theme (~38 MB) the out-of-domain icon set (data_tools/build_ood_icons.py).
+# npm packs the glyph icon sets (data_tools/build_glyphs.py); it is installed only where no npm
+# is on PATH (a Node.js from elsewhere brings its own).
 DEBS := chromium openclipart-png openclipart-svg oxygen-icon-theme
 
 .PHONY: demo test bench lint debs venv clean
@@ -27,6 +29,7 @@ $(STAMP): pyproject.toml
 
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

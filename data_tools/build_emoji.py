@@ -32,7 +32,9 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import emoji
 import numpy as np
@@ -127,12 +129,19 @@ def _image_bytes(key: str, path: Path) -> bytes:
     return silhouette_png(path) if key.endswith(SILHOUETTE) else path.read_bytes()
 
 
-def _write_split(out: Path, pairs: list[tuple[str, Path, str]], shard_size: int) -> int:
+def _write_split(
+    out: Path,
+    pairs: list[tuple[str, Any, str]],
+    shard_size: int,
+    image_bytes: Callable[[str, Any], bytes] = _image_bytes,
+) -> int:
+    """Write (key, source, caption) rows as balanced shards, each image's PNG from
+    ``image_bytes(key, source)``; returns the number of shards."""
     # Balanced shards: e.g. 3,558 samples at <= 500 per shard -> 8 shards of ~445.
     n_shards = max(1, math.ceil(len(pairs) / shard_size))
     with ShardWriter(out, prefix="shard", maxcount=math.ceil(len(pairs) / n_shards)) as writer:
-        for key, path, caption in pairs:
-            writer.write({"__key__": key, "png": _image_bytes(key, path), "txt": caption})
+        for key, source, caption in pairs:
+            writer.write({"__key__": key, "png": image_bytes(key, source), "txt": caption})
     return len(writer.sizes)
 
 

@@ -115,7 +115,15 @@ def test_rebuild_keeps_a_complete_build(digits_out):
 def test_transfer_suite_names_every_set():
     suite = load_suite(ROOT / "eval" / "transfer.yaml")
     by_name = {d.name: d for d in suite.entries}
-    assert set(by_name) == {"animal_mnist", "emoji_val", "openclipart_val", "ood_digits", "ood_icons"}
+    assert set(by_name) == {
+        "animal_mnist",
+        "emoji_val",
+        "openclipart_val",
+        "glyphs_val",
+        "ood_digits",
+        "ood_icons",
+    }
     assert by_name["ood_digits"].task == "zeroshot_classification"
     assert by_name["ood_icons"].task == "zeroshot_retrieval"
     assert by_name["openclipart_val"].split == "val"
+    assert by_name["glyphs_val"].split == "val"

@@ -23,14 +23,16 @@ def test_every_builder_module_registers_its_build_function():
     from data_tools import (
         build_animal_mnist,
         build_emoji,
+        build_glyphs,
         build_ood_digits,
         build_ood_icons,
         build_openclipart,
     )
 
-    assert BUILDERS.names() == ["animal-mnist", "emoji", "ood-digits", "ood-icons", "openclipart"]
+    assert BUILDERS.names() == ["animal-mnist", "emoji", "glyphs", "ood-digits", "ood-icons", "openclipart"]
     assert BUILDERS.get("emoji") is build_emoji.build
     assert BUILDERS.get("animal-mnist") is build_animal_mnist.build
+    assert BUILDERS.get("glyphs") is build_glyphs.build
     assert BUILDERS.get("openclipart") is build_openclipart.build
     assert BUILDERS.get("ood-digits") is build_ood_digits.build
     assert BUILDERS.get("ood-icons") is build_ood_icons.build
@@ -62,7 +64,9 @@ def test_unknown_builder_suggests_the_nearest(tmp_path, capsys):
     assert cli(["data", "build", "emoj", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "not a folder, a file or a bundled source" in err
-    assert "did you mean 'emoji'? known: animal-mnist, emoji, ood-digits, ood-icons, openclipart" in err
+    assert (
+        "did you mean 'emoji'? known: animal-mnist, emoji, glyphs, ood-digits, ood-icons, openclipart" in err
+    )
     assert not (tmp_path / "o").exists()
 
 

@@ -7,6 +7,8 @@ locked (or differs) must not read another tower's features.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,42 @@ def test_a_torn_cache_file_is_recomputed(setup, monkeypatch):
     calls = _count_tower_passes(monkeypatch)
     second = run_suite([models["a"]], suite, opts, log=lambda m: None)
     assert len(calls) == 2 and _scores(second) == _scores(first)
+
+
+def test_evaluations_that_start_together_make_one_image_pass(setup, monkeypatch):
+    """Two evaluations of one locked tower at once (a sweep's --parallel runs): the second waits
+    on the first's lock and reads its file. Here two threads; flock locks belong to each open
+    file, so they exclude each other as two processes would."""
+    tmp, suite, models = setup
+    plain = run_suite(
+        [models["a"]], suite, RunOptions(tmp / "p", batch_size=4, report=False), log=lambda m: None
+    )
+    calls: list[int] = []
+    real = tower_cache._compute
+    started = threading.Event()
+
+    def slow(*args, **kw):
+        calls.append(1)
+        started.set()
+        time.sleep(0.5)  # the other thread asks for the same features meanwhile
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tower_cache, "_compute", slow)
+    results: dict[str, list] = {}
+
+    def evaluate(name: str) -> None:
+        opts = RunOptions(tmp / name, batch_size=4, cache_dir=tmp / "cache_together", report=False)
+        results[name] = run_suite([models["a"]], suite, opts, log=lambda m: None)
+
+    first = threading.Thread(target=evaluate, args=("first",))
+    first.start()
+    assert started.wait(60)
+    second = threading.Thread(target=evaluate, args=("second",))
+    second.start()
+    first.join(120)
+    second.join(120)
+    assert len(calls) == 2  # one pass per dataset, not one per thread
+    assert _scores(results["first"]) == _scores(results["second"]) == _scores(plain)
 
 
 def test_key_changes_with_the_dataset_and_batch(setup):

@@ -14,13 +14,19 @@ image tower is not locked (or has unlocked top layers) is evaluated as usual: it
 own, and a cache would be written once and never read.
 
 Layout: ``<cache_dir>/tower/<key>.pt``, written atomically (``clipkit.data.atomic``), so a
-killed evaluation leaves the old file or none. A file that cannot be read is recomputed.
+killed evaluation leaves the old file or none. A file that cannot be read is recomputed. While a
+process computes a key it holds a lock on ``<key>.lock``: another process that wants the same
+features waits and reads them instead of computing them too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +112,22 @@ def _load(path: Path) -> dict[str, Any] | None:
     return data
 
 
+@contextlib.contextmanager
+def _computing(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<path>.lock`` while this process computes ``path``: the
+    runs of a sweep that start together (``--parallel``) then make one image pass, not one each;
+    the others wait and read its file. The lock file stays (removing it would race a waiter that
+    has it open); the kernel drops the lock of a killed process."""
+    lock = path.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _save(path: Path, data: dict[str, Any]) -> None:
     from clipkit.data.atomic import atomic_open
 
@@ -136,9 +158,12 @@ def cached_view(
     path = Path(cache_dir) / "tower" / f"{cache_key(model, inner, dataset, batch_size)}.pt"
     data, state = _load(path), "hit"
     if data is None:
-        data, state = _compute(model, inner, dataset, batch_size, num_workers), "miss"
-        if data["keys"]:
-            _save(path, data)
+        with _computing(path):
+            data = _load(path)  # written by another process while this one waited
+            if data is None:
+                data, state = _compute(model, inner, dataset, batch_size, num_workers), "miss"
+                if data["keys"]:
+                    _save(path, data)
     if not data["keys"]:
         return model, dataset, "off"  # let the ordinary path raise its "empty dataset" error
     return ProjectedModel(inner), as_feature_dataset(data, dataset), state

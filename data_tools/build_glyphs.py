@@ -132,23 +132,22 @@ def caption_of(name: str) -> str:
     return " ".join(words(name))
 
 
+def _forms(caption: str) -> set[tuple[str, ...]]:
+    """The forms a caption is compared in: its words, and its words without 'face'."""
+    w = words(caption)
+    return {tuple(w), tuple(x for x in w if x != "face")}
+
+
 def held_out_forms(captions: Iterable[str]) -> set[tuple[str, ...]]:
-    """The forms under which an icon's caption counts as one of ``captions``: the words, and the
-    words without 'face'."""
-    forms = set()
-    for caption in captions:
-        w = words(caption)
-        forms.add(tuple(w))
-        forms.add(tuple(x for x in w if x != "face"))
-    return forms
+    """The forms under which an icon's caption counts as one of ``captions``."""
+    return set().union(*(_forms(c) for c in captions))
 
 
 def dropped(caption: str, held_out: set[tuple[str, ...]]) -> str | None:
     """Why an icon is left out ("held-out emoji", "number"), or None to keep it."""
-    w = words(caption)
-    if any(x.isdigit() or x in NUMBER_WORDS for x in w) or any(c.isdigit() for c in caption):
+    if any(c.isdigit() for c in caption) or NUMBER_WORDS.intersection(words(caption)):
         return "number"
-    if tuple(w) in held_out or tuple(x for x in w if x != "face") in held_out:
+    if _forms(caption) & held_out:
         return "held-out emoji"
     return None
 

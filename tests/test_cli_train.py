@@ -72,6 +72,39 @@ def test_console_script_preload_skips_timms_optional_wandb_import_and_leaves_wan
     assert out.stdout.strip().splitlines()[-1] == "2 True False False wandb", out.stdout + out.stderr
 
 
+def test_console_script_leaves_the_process_group_after_a_clean_command_and_only_then():
+    # Under torchrun each rank's `clipkit` ends its process group itself: after a clean command
+    # the ranks meet at a barrier and then destroy the group; after a failed one nothing waits
+    # for peers that may never come. A 1-rank gloo group stands in for the launcher's.
+    import subprocess
+    import sys
+
+    from dist_helpers import free_port
+
+    code = (
+        "import sys\n"
+        "import torch.distributed as dist\n"
+        "from clipkit.cli import main as m\n"
+        "calls, barrier, destroy = [], dist.barrier, dist.destroy_process_group\n"
+        "dist.barrier = lambda *a, **k: calls.append('barrier') or barrier(*a, **k)\n"
+        "dist.destroy_process_group = lambda *a, **k: calls.append('destroy') or destroy(*a, **k)\n"
+        "def command(rc, port):\n"
+        "    dist.init_process_group('gloo', rank=0, world_size=1, init_method=f'tcp://127.0.0.1:{port}')\n"
+        "    m.main = lambda argv: rc\n"
+        "    sys.argv = ['clipkit', 'train', '--help']\n"
+        "    return [m.cli(), list(calls), dist.is_initialized()]\n"
+        "ports = sys.argv[1:]\n"
+        "failed = command(3, ports[0])\n"
+        "destroy()\n"
+        "print(failed, command(0, ports[1]))\n"
+    )
+    argv = [sys.executable, "-c", code, str(free_port()), str(free_port())]
+    out = subprocess.run(argv, check=False, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    said = out.stdout.strip().splitlines()[-1]
+    assert said == "[3, [], True] [0, ['barrier', 'destroy'], False]", out.stdout + out.stderr
+
+
 def test_index_sets_the_openmp_wait_policy_before_torch_is_loaded(tmp_path):
     # OpenMP reads OMP_WAIT_POLICY when its runtime loads (with torch), and Hugging Face reads
     # HF_HUB_OFFLINE when it is imported: the console script's preload must come after both are set.

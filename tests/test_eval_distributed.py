@@ -4,21 +4,13 @@ order), and each decoded about half of the images."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import free_port, gloo_group
 
 WORLD = 2
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _evaluate(root: str, ranks) -> dict:
@@ -48,13 +40,8 @@ def _evaluate(root: str, ranks) -> dict:
 def _worker(rank: int, port: int, root: str, out: str) -> None:
     from clipkit.evaluation.distributed import Ranks
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, port):
         torch.save(_evaluate(root, Ranks(rank, WORLD)), Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_equal_one_process(tmp_path):
@@ -65,7 +52,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     wds_classification(tmp_path / "cls", n=23, per_shard=5)
     wds_retrieval(tmp_path / "caps", n=13, per_shard=4)
     single = _evaluate(str(tmp_path), Ranks())
-    mp.spawn(_worker, args=(_port(), str(tmp_path), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), str(tmp_path)), nprocs=WORLD, join=True)
     calls = []
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from dist_helpers import free_port, gloo_group
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -247,36 +246,29 @@ DDP_CASES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ddp_grads(rank: int) -> dict:
+    full = make_batch(WORLD * B)
+    mine = {
+        k: v[rank * B : (rank + 1) * B] if k in ("image", "text", "idx", "key") else v
+        for k, v in full.items()
+    }
+    results = {}
+    for case, (name, args, _, _) in DDP_CASES.items():
+        for cached in (False, True):
+            model = make_model()
+            ddp, loss_fn = DDP(model), LOSSES.build(name, **args)
+            if cached:
+                grad_cache_step(ddp, loss_fn, mine, MICRO, no_sync=lambda m: m.no_sync())
+            else:
+                loss_fn(ddp(mine), mine)["loss"].backward()
+            results[case, cached] = grads(model)
+    return results
 
 
 def ddp_worker(rank: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        full = make_batch(WORLD * B)
-        mine = {
-            k: v[rank * B : (rank + 1) * B] if k in ("image", "text", "idx", "key") else v
-            for k, v in full.items()
-        }
-        results = {}
-        for case, (name, args, _, _) in DDP_CASES.items():
-            for cached in (False, True):
-                model = make_model()
-                ddp, loss_fn = DDP(model), LOSSES.build(name, **args)
-                if cached:
-                    grad_cache_step(ddp, loss_fn, mine, MICRO, no_sync=lambda m: m.no_sync())
-                else:
-                    loss_fn(ddp(mine), mine)["loss"].backward()
-                results[case, cached] = grads(model)
-        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    with gloo_group(rank, WORLD, port):
+        torch.save(ddp_grads(rank), os.path.join(folder, f"rank{rank}.pt"))
 
 
 def test_two_ranks_with_ddp_equal_one_process_over_the_whole_batch(tmp_path):

@@ -12,14 +12,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import socket
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from dist_helpers import free_port, gloo_group
 
 from clipkit.losses import LOSSES
 
@@ -103,32 +102,25 @@ def run(loss: torch.nn.Module, out: dict, batch: dict, use_open_clip: bool = Fal
     return {"loss": value.detach(), **{k: g for k, g in zip(KEYS, gs)}, "state": state}
 
 
+def rank_results(rank: int) -> dict:
+    results = {}
+    for case, (name, args) in {**CASES, **ZOO}.items():
+        for impl in ("ours", "open_clip") if case in CASES else ("ours",):
+            out, batch = (rank_slice(t, rank) for t in global_inputs())
+            loss = LOSSES.build(name, **args) if impl == "ours" else open_clip_loss(name, args, rank)
+            torch.manual_seed(0)  # mochi, m3col: rank 0 draws, as the single process below
+            results[case, impl] = run(loss, out, batch, impl == "open_clip")
+    return results
+
+
 def worker(rank: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     warnings.simplefilter("ignore", FutureWarning)  # open_clip's torch.distributed.nn.all_gather
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        results = {}
-        for case, (name, args) in {**CASES, **ZOO}.items():
-            for impl in ("ours", "open_clip") if case in CASES else ("ours",):
-                out, batch = (rank_slice(t, rank) for t in global_inputs())
-                loss = LOSSES.build(name, **args) if impl == "ours" else open_clip_loss(name, args, rank)
-                torch.manual_seed(0)  # mochi, m3col: rank 0 draws, as the single process below
-                results[case, impl] = run(loss, out, batch, impl == "open_clip")
-        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    with gloo_group(rank, WORLD, port):
+        torch.save(rank_results(rank), os.path.join(folder, f"rank{rank}.pt"))
 
 
 def check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(got, want, msg=lambda m: f"{what}: {m}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_gather(tmp_path):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from dist_helpers import free_port, gloo_group
 
 from clipkit.losses import LOSSES, tiled
 from clipkit.training.memory import LiveBytes
@@ -189,30 +188,23 @@ def ring_or_gather_peak(dist_impl: str, b: int = 128, d: int = 32, tile: int = 3
     return mem.peak
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rank_results(rank: int) -> dict:
+    results = {}
+    for case, (name, args, dense, dense_args) in DIST_CASES.items():
+        for impl, loss in (
+            ("tiled", LOSSES.build(name, tile_size=2, **args)),
+            ("dense", LOSSES.build(dense, **dense_args)),
+        ):
+            out = rank_out(rank)
+            results[case, impl] = value_and_grads(loss(out)["loss"], out)
+    results["peak"] = {impl: ring_or_gather_peak(impl) for impl in ("gather", "ring")}
+    return results
 
 
 def worker(rank: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        results = {}
-        for case, (name, args, dense, dense_args) in DIST_CASES.items():
-            for impl, loss in (
-                ("tiled", LOSSES.build(name, tile_size=2, **args)),
-                ("dense", LOSSES.build(dense, **dense_args)),
-            ):
-                out = rank_out(rank)
-                results[case, impl] = value_and_grads(loss(out)["loss"], out)
-        results["peak"] = {impl: ring_or_gather_peak(impl) for impl in ("gather", "ring")}
-        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    with gloo_group(rank, WORLD, port):
+        torch.save(rank_results(rank), os.path.join(folder, f"rank{rank}.pt"))
 
 
 def test_three_processes_tiled_equals_dense(tmp_path):

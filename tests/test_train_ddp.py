@@ -27,7 +27,6 @@ import csv
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from dist_helpers import free_port
 from training_helpers import run_training, tiny_tree, write_shards
 
 from clipkit.training import checkpoint as ckpt
@@ -95,12 +95,6 @@ def one_rank(shards, forkserver, tmp_path_factory):
         return done[case]
 
     return get
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tree_of(shards: str, out: Path, name: str, batch: int, **extra: Any) -> dict[str, Any]:

@@ -120,6 +120,7 @@ def run_training(tree: dict[str, Any], step_delay: float = 0.0, stderr: str | No
         sys.stderr = open(stderr, "w", buffering=1)  # noqa: SIM115 - lives as long as the process
         os.dup2(sys.stderr.fileno(), 2)
 
+    from clipkit.cli.main import leave_process_group
     from clipkit.config import Config, from_dict
     from clipkit.errors import ClipkitError
     from clipkit.training import loop
@@ -142,9 +143,11 @@ def run_training(tree: dict[str, Any], step_delay: float = 0.0, stderr: str | No
     except ClipkitError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
+    leave_process_group(0)  # as `clipkit train` does at its end: the ranks leave together
 
 
 def main(argv: list[str]) -> None:
+    from clipkit.cli.main import leave_process_group
     from clipkit.config import Config, from_dict
     from clipkit.training import loop
 
@@ -160,6 +163,7 @@ def main(argv: list[str]) -> None:
 
         loop.train_step = slow_step
     loop.train(cfg)
+    leave_process_group(0)
 
 
 if __name__ == "__main__":

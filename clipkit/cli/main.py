@@ -88,6 +88,25 @@ def set_environment(argv: list[str]) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def leave_process_group(code: int) -> None:
+    """End this rank's ``torch.distributed`` process group (torchrun, ``accelerate launch``)
+    before the interpreter exits; a no-op in a single process.
+
+    After a clean command (``code`` 0) the ranks wait for each other, then destroy the group
+    while the interpreter is whole. Left to interpreter exit, a gloo group can abort the
+    process (SIGABRT, "terminate called without an active exception") when its threads still
+    hold work as Python tears down, or when a peer that finished first has already closed its
+    sockets; NCCL warns that the group was never destroyed. After a failure nothing waits:
+    the peers may never arrive, and the launcher stops them.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if code == 0:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     set_environment(argv if argv is not None else sys.argv[1:])
     args = build_parser().parse_args(argv)
@@ -129,6 +148,7 @@ def cli() -> int:
         gc.freeze()
         gc.enable()
     code = main(argv)
+    leave_process_group(code)
     gc.freeze()  # exit: the interpreter's final collections skip every object alive now
     return code
 

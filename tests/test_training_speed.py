@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import open_clip
 import pytest
@@ -254,6 +255,41 @@ def test_group_overhead_scales_with_the_square_of_the_width_and_the_tiny_tower_r
     seen = widths_seen(tower.model.transformer.resblocks[0])  # the tower itself: width 64
     tower(tokens)
     assert seen == [max(lengths)]
+
+
+def test_on_a_gpu_the_text_runs_as_one_group_cut_to_its_longest_caption():
+    # The group overhead is a CPU measurement; on a GPU a group's kernel launches cost more
+    # than its tokens save (profiled on an H200), so every row runs in one group there.
+    from clipkit.models import text_padding
+
+    lengths = [2] * 60 + [30] * 4  # on a CPU: 496 tokens and overheads in two groups, 2,048 in one
+    assert len(text_padding.length_groups(lengths, text_padding.group_overhead(256))) == 2
+    assert (
+        len(text_padding.length_groups(lengths, text_padding.group_overhead(256, torch.device("cpu")))) == 2
+    )
+    for device in (torch.device("cuda", 0), "cuda", torch.device("mps")):
+        overhead = text_padding.group_overhead(256, device)
+        assert overhead == math.inf
+        (group,) = text_padding.length_groups(lengths, overhead)
+        assert sorted(group) == list(range(len(lengths)))
+
+
+def test_the_text_forward_asks_for_the_group_overhead_of_its_own_device(monkeypatch):
+    from clipkit.models import text_padding
+
+    asked = []
+
+    def overhead(width, device=None):  # a device given: one group; none: a group per length
+        asked.append(device)
+        return math.inf if device is not None else 0
+
+    monkeypatch.setattr(text_padding, "group_overhead", overhead)
+    captions = ["sun"] * 7 + ["a small red dog on a wooden table near a big old green tree"]
+    tower = text_tower("open_clip:clipkit-tiny-ViT", context_length=16)
+    tokens = tower.tokenize(captions)
+    seen = widths_seen(tower.model.transformer.resblocks[0])
+    tower(tokens)
+    assert asked == [tokens.device] and seen == [int(tokens.argmax(-1).max()) + 1]
 
 
 @pytest.mark.parametrize("overhead", [0, 10**9])

@@ -7,9 +7,10 @@ that are padding in every row of the batch changes no output, for two kinds of t
 * open_clip's causal text transformer (``CLIP.encode_text``, ``TextTransformer``) pooled at the
   end-of-text token (``argmax`` / ``eos`` pooling): under the causal mask position ``i`` attends to
   positions ``<= i`` only, so the pooled position never sees a later one. The batch is cut after
-  its last pooled position; positions, the mask and pooling are sliced alike. Rows are first
-  grouped by length, each group cut to its own longest (``length_groups``), and the last block
-  runs for the pooled rows only (``clipkit.models.pooled_block``).
+  its last pooled position; positions, the mask and pooling are sliced alike. On a CPU rows are
+  first grouped by length, each group cut to its own longest (``length_groups``); on a GPU the
+  batch runs as one group (``group_overhead``). The last block runs for the pooled rows only
+  (``clipkit.models.pooled_block``).
 * Hugging Face encoders with an attention mask (pad keys get zero weight) and mean pooling over
   non-pad tokens: the cut columns are pad keys and pad rows that pooling drops.
 
@@ -20,6 +21,7 @@ pooling, a class token appended at the end) runs at the full length.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,8 +88,19 @@ GROUP_OVERHEAD_TOKENS = 128
 REFERENCE_WIDTH = 256
 
 
-def group_overhead(width: int) -> float:
-    """``GROUP_OVERHEAD_TOKENS`` for a transformer of ``width`` (see above)."""
+def group_overhead(width: int, device: torch.device | None = None) -> float:
+    """``GROUP_OVERHEAD_TOKENS`` for a transformer of ``width`` (see above) on a CPU; infinite,
+    so one group, on any other device.
+
+    The CPU figure does not carry over to a GPU, where a group's fixed cost (a few hundred
+    small kernels forward and backward, each launched from Python) dwarfs the tokens it saves.
+    Profiled on an H200 (``benchmarks/gpu_smoke.sh``'s ViT-B/32 run, batch 256 of emoji
+    captions, bf16, cProfile over 32 steps): the text tower, split into 6.8 groups a step on
+    average, took 0.75 s of each step's forward against 0.10 s for the vision tower, and made
+    81 of the step's 93 attention calls, where one group makes 12.
+    """
+    if device is not None and torch.device(device).type != "cpu":
+        return math.inf
     return GROUP_OVERHEAD_TOKENS * (REFERENCE_WIDTH / max(1, width)) ** 2
 
 
@@ -97,6 +110,8 @@ def length_groups(lengths: list[int], overhead: float = GROUP_OVERHEAD_TOKENS) -
     sum(group size x its longest), plus ``overhead`` per group. Exact (dynamic programming over
     the distinct lengths, at most the context length of them)."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    if math.isinf(overhead):  # a group costs more than any tokens it saves: one group
+        return [order]
     distinct = sorted(set(lengths))
     ends, count = [], 0  # ends[k]: rows with length <= distinct[k]
     for d in distinct:
@@ -133,7 +148,7 @@ def causal_text_forward(m: nn.Module, text: Tensor, spec: CausalText) -> Tensor:
     n = max(lengths)  # kept_length
     text = text[:, :n]  # (B, n)
     x = _embed(m, text)  # (B, n, width)
-    groups = length_groups(lengths, group_overhead(x.shape[-1])) if text.shape[0] > 1 else [[0]]
+    groups = length_groups(lengths, group_overhead(x.shape[-1], x.device)) if text.shape[0] > 1 else [[0]]
     if len(groups) == 1:
         return _causal_text_rows(m, x, text, rows, spec)
     outs = []

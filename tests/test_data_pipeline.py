@@ -4,8 +4,10 @@ contract, and each kind of bad input counted (skip) or named (raise)."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -389,3 +391,37 @@ def test_bad_settings_fail_before_reading(good, change, message):
     spec, _ = good
     with pytest.raises(ValueError, match=message):
         build_loader(cfg(**change), spec, transform, tokenize, train=False, seed=0)
+
+
+def _sleep_as_a_worker(ready) -> None:
+    from clipkit.data.pipeline import init_worker
+
+    init_worker(1, 0)  # the parent (this test's process) is the loader's main process
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_loader_worker_dies_of_the_main_process_sigterm_and_of_no_other():
+    # A job-wide SIGTERM (SLURM, timeout(1), kill -- -PGID) must not kill a worker before the
+    # main process has checkpointed; the main process's own SIGTERM (torch's terminate(),
+    # multiprocessing's exit) still ends it.
+    import multiprocessing
+    import signal
+    import subprocess
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_sleep_as_a_worker, args=(ready,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(30)
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # another sender
+        worker.join(1.5)
+        assert worker.is_alive()
+        os.kill(worker.pid, signal.SIGTERM)  # the main process
+        worker.join(5)
+        assert worker.exitcode == -signal.SIGTERM
+    finally:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()

@@ -259,11 +259,19 @@ def logged_steps(run_dir: Path) -> int:
 
 
 def run_and_signal(
-    ctx, tree: dict, signals: list[int], delay: float, log: Path, after: int = 2, settle: float = 0.0
+    ctx,
+    tree: dict,
+    signals: list[int],
+    delay: float,
+    log: Path,
+    after: int = 2,
+    settle: float = 0.0,
+    group: bool = False,
 ):
     """Start a run in a child, send ``signals`` once it logged step ``after`` and ``settle`` seconds
-    more have passed; (exit code, run folder)."""
-    proc = ctx.Process(target=run_training, args=(tree, delay, str(log)))
+    more have passed; (exit code, run folder). ``group``: the run leads its own process group and
+    each signal goes to all of it, loader workers included."""
+    proc = ctx.Process(target=run_training, args=(tree, delay, str(log), group))
     proc.start()
     run_dir = Path(tree["train"]["output_dir"]) / tree["train"]["run_name"]
     deadline = time.time() + 60
@@ -272,7 +280,7 @@ def run_and_signal(
         time.sleep(0.01)
     time.sleep(settle)
     for sig in signals:
-        os.kill(proc.pid, sig)
+        (os.killpg if group else os.kill)(proc.pid, sig)
         time.sleep(0.1)
     proc.join(60)
     return proc.exitcode, run_dir
@@ -299,6 +307,25 @@ def test_signal_checkpoints_at_the_step_boundary_then_exits(
     if sig == signal.SIGTERM:  # the preemption checkpoint continues exactly
         loop.train(config(shards, tmp_path, **{"train.resume": "latest"}))
         assert same(weights(run_dir), weights(reference))
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_whole_job_still_checkpoints_with_loader_workers(
+    shards, tmp_path, forkserver, sig, code
+):
+    # SLURM (scancel, a time limit), timeout(1), `kill -- -PGID` and Ctrl-C signal every process
+    # of the job, the loader workers too. A worker that died of it used to end the run with
+    # "DataLoader worker (pid ...) is killed by signal: Terminated" instead of the checkpoint.
+    log = tmp_path / "stderr.txt"
+    tree = signal_tree(shards, tmp_path)
+    tree["data"]["workers"] = 2
+    exitcode, run_dir = run_and_signal(forkserver, tree, [sig], 0.3, log, group=True)
+    text = log.read_text()
+    assert exitcode == code, text[-2000:]
+    step = logged_steps(run_dir)
+    assert 2 <= step < 12 and ckpt.latest(run_dir).name == f"step_{step:08d}.pt", text[-2000:]
+    assert f"stopped by {signal.Signals(sig).name} after step {step}" in text
+    assert "killed by signal" not in text
 
 
 def test_second_signal_exits_at_once(shards, tmp_path, forkserver):

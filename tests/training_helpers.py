@@ -106,15 +106,22 @@ def tiny_tree(shards: str, out_dir: Path, **overrides: Any) -> dict[str, Any]:
     return tree
 
 
-def run_training(tree: dict[str, Any], step_delay: float = 0.0, stderr: str | None = None) -> None:
+def run_training(
+    tree: dict[str, Any], step_delay: float = 0.0, stderr: str | None = None, own_group: bool = False
+) -> None:
     """Train on a config tree in this process (one torch thread); a test's child-process target.
 
     Exits with the CLI's code when the run stops on a ``ClipkitError`` (e.g. 143 after SIGTERM).
-    ``stderr``: a file that receives this process's stderr.
+    ``stderr``: a file that receives this process's stderr. ``own_group``: lead a process group of
+    its own (its loader workers join it), so that a test can signal the run as a job scheduler
+    or ``timeout`` does: every process of it at once (``os.killpg``).
     """
     import os
 
     import torch
+
+    if own_group:
+        os.setpgid(0, 0)
 
     if stderr:
         sys.stderr = open(stderr, "w", buffering=1)  # noqa: SIM115 - lives as long as the process

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -282,7 +283,9 @@ def plan_loader(
         batch_size=None,
         num_workers=workers,
         collate_fn=identity,
-        worker_init_fn=functools.partial(init_worker, cfg.threads_per_worker) if workers else None,
+        worker_init_fn=functools.partial(init_worker, cfg.threads_per_worker, main_pid=os.getpid())
+        if workers
+        else None,
         pin_memory=torch.cuda.is_available(),
     )
     loader.shards, loader.readers = list(index.urls), max(1, workers)  # type: ignore[attr-defined]

@@ -46,6 +46,7 @@ import functools
 import multiprocessing
 import os
 import signal
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -233,12 +234,40 @@ class ShardDataset(IterableDataset):
 # ---------------------------------------------------------------------------- loader
 
 
-def init_worker(threads: int, _worker_id: int) -> None:
-    """A loader worker's ``worker_init_fn`` (with ``functools.partial`` for ``threads``)."""
+def init_worker(threads: int, _worker_id: int, *, main_pid: int | None = None) -> None:
+    """A loader worker's ``worker_init_fn`` (with ``functools.partial`` for ``threads`` and
+    ``main_pid``, the pid of the process that iterates the loader; default: the parent)."""
     torch.set_num_threads(threads)
     # Ctrl-C reaches the whole process group; the main process handles it (a training run
     # checkpoints first) and then stops the workers, so they must not die of it on their own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sigterm_from_main_only(os.getppid() if main_pid is None else main_pid)
+
+
+def sigterm_from_main_only(main_pid: int) -> None:
+    """In a loader worker: die of a SIGTERM that the main process sends, ignore any other.
+
+    A job's SIGTERM from SLURM (scancel, a time limit), timeout(1) or ``kill -- -PGID`` reaches
+    every process of the job. A worker that died of it ended the training run ("DataLoader
+    worker ... is killed by signal: Terminated", raised in the middle of a step) before the main
+    process could write the checkpoint that its own SIGTERM handler promises. The main process
+    stops its workers itself once it has saved; and when it ends a worker with SIGTERM (torch's
+    ``terminate()`` of a stuck worker, multiprocessing's exit), that one still kills. A signal
+    handler cannot tell who sent a signal, so SIGTERM is blocked and a thread reads each one
+    with its sender (``sigwaitinfo``). Call it from the worker's main thread, before any other
+    thread starts: threads inherit the blocked signal.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+            if sender in (main_pid, os.getpid()):
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # this thread only
+                os.kill(os.getpid(), signal.SIGTERM)  # the default action: the worker ends
+
+    threading.Thread(target=wait, name="clipkit-sigterm", daemon=True).start()
 
 
 def identity(batch: dict[str, Any]) -> dict[str, Any]:
@@ -320,7 +349,9 @@ def build_loader(
         batch_size=None,  # batches are built inside the workers
         num_workers=workers,
         collate_fn=identity,
-        worker_init_fn=functools.partial(init_worker, cfg.threads_per_worker) if workers else None,
+        worker_init_fn=functools.partial(init_worker, cfg.threads_per_worker, main_pid=os.getpid())
+        if workers
+        else None,
         generator=torch.Generator().manual_seed(seeded_rng(seed, epoch, rank, "torch").getrandbits(62)),
         pin_memory=torch.cuda.is_available(),
     )

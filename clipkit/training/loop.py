@@ -497,4 +497,6 @@ def train(cfg: Config) -> Path:
         if run.trackers is not None:  # the tracker runs end as failed; a resume continues them
             run.trackers.close()
         raise
+    finally:
+        run.stream.close()  # the loader workers stop here, not at the interpreter's exit
     return run.run_dir

@@ -185,6 +185,16 @@ class TrainStream:
                 self.sources_seen.extend([0] * (source + 1 - len(self.sources_seen)))
                 self.sources_seen[source] += 1
 
+    def close(self) -> None:
+        """Stop this pass's loader workers now. A run that stops early (a signal, an error)
+        would otherwise leave them to the interpreter's exit, which ends them with SIGTERM, and
+        torch's SIGCHLD handler reports that as a crash ("DataLoader worker ... is killed by
+        signal") over the run's own exit status. The stream opens a new pass when asked again."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
+
     # ------------------------------------------------------------------ batches
 
     def _open(self) -> None:

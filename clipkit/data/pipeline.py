@@ -257,6 +257,8 @@ def sigterm_from_main_only(main_pid: int) -> None:
     with its sender (``sigwaitinfo``). Call it from the worker's main thread, before any other
     thread starts: threads inherit the blocked signal.
     """
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: SIGTERM keeps its default action
+        return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 

@@ -27,8 +27,6 @@ boundary (or at once, when it resumes past the first pass); such a pass starts o
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -42,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipkit.config import DataConfig
 from clipkit.data.collate import skip_carrier
 from clipkit.data.decode import SampleError, parse_idx
-from clipkit.data.pipeline import ShardDataset, build_loader, identity, init_worker
+from clipkit.data.pipeline import ShardDataset, build_loader, identity, worker_init_fn
 from clipkit.data.skips import DataError
 from clipkit.data.tario import DuplicateMember, TarDamaged, iter_tar, split_name
 from clipkit.data.urls import _local_path, expand_urls, is_local
@@ -283,9 +281,7 @@ def plan_loader(
         batch_size=None,
         num_workers=workers,
         collate_fn=identity,
-        worker_init_fn=functools.partial(init_worker, cfg.threads_per_worker, main_pid=os.getpid())
-        if workers
-        else None,
+        worker_init_fn=worker_init_fn(cfg.threads_per_worker, workers),
         pin_memory=torch.cuda.is_available(),
     )
     loader.shards, loader.readers = list(index.urls), max(1, workers)  # type: ignore[attr-defined]

@@ -244,6 +244,12 @@ def init_worker(threads: int, _worker_id: int, *, main_pid: int | None = None) -
     sigterm_from_main_only(os.getppid() if main_pid is None else main_pid)
 
 
+def worker_init_fn(threads: int, workers: int) -> Callable[[int], None] | None:
+    """The ``worker_init_fn`` of a loader with ``workers`` worker processes (None without any):
+    ``init_worker`` with ``threads`` and this process as the workers' main process."""
+    return functools.partial(init_worker, threads, main_pid=os.getpid()) if workers else None
+
+
 def sigterm_from_main_only(main_pid: int) -> None:
     """In a loader worker: die of a SIGTERM that the main process sends, ignore any other.
 
@@ -351,9 +357,7 @@ def build_loader(
         batch_size=None,  # batches are built inside the workers
         num_workers=workers,
         collate_fn=identity,
-        worker_init_fn=functools.partial(init_worker, cfg.threads_per_worker, main_pid=os.getpid())
-        if workers
-        else None,
+        worker_init_fn=worker_init_fn(cfg.threads_per_worker, workers),
         generator=torch.Generator().manual_seed(seeded_rng(seed, epoch, rank, "torch").getrandbits(62)),
         pin_memory=torch.cuda.is_available(),
     )

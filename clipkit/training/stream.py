@@ -189,7 +189,10 @@ class TrainStream:
         """Stop this pass's loader workers now. A run that stops early (a signal, an error)
         would otherwise leave them to the interpreter's exit, which ends them with SIGTERM, and
         torch's SIGCHLD handler reports that as a crash ("DataLoader worker ... is killed by
-        signal") over the run's own exit status. The stream opens a new pass when asked again."""
+        signal") over the run's own exit status. For the end of a run: asked for a batch after
+        this, the stream would open its current epoch's pass again from the start. Calls torch's
+        private ``_shutdown_workers``, which the iterator's ``__del__`` also calls, so that the
+        workers stop here even while a traceback still holds the iterator."""
         it, self._it = self._it, None
         shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator
         if shutdown is not None:

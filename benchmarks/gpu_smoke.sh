@@ -20,7 +20,8 @@
 # BATCH_B32 (256), WORKERS (8 loader workers, at most one per shard), COMPILE (0; 1 =
 # train.compile=true), MODELS ("tiny vitb32"), DATA (data/emoji), OUT (runs/gpu_smoke: each
 # run's folder is replaced), DEVICE_CHECK (1: refuse to run without a CUDA device), PYTHON
-# (.venv/bin/python when present, else python3).
+# (.venv/bin/python when present, else python3), EXTRA (more dotted overrides for every run,
+# space-separated, e.g. EXTRA="data.resampled=true").
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -34,6 +35,7 @@ MODELS=${MODELS:-tiny vitb32}
 DATA=${DATA:-data/emoji}
 OUT=${OUT:-runs/gpu_smoke}
 DEVICE_CHECK=${DEVICE_CHECK:-1}
+read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -111,7 +113,7 @@ train() {  # name, batch, overrides...
         train.samples=$((STEPS * batch)) train.precision="$PRECISION" \
         train.output_dir="$OUT" train.run_name="$name" train.checkpoint_every="$STEPS" train.log_every=10 \
         optim.warmup_steps=$((STEPS / 10 + 1)) train.compile="$([[ $COMPILE == 1 ]] && echo true || echo false)" \
-        "$@" || fail "clipkit train ($name) exited with $?"
+        "$@" "${EXTRA_ARGS[@]}" || fail "clipkit train ($name) exited with $?"
 }
 
 lines=()

@@ -274,6 +274,38 @@ def test_hand_written_markdown_is_never_overwritten(resumed: Path, setup: Path) 
     assert "](../runs/sweeps/sweep/summary.png)" in generated.read_text()
 
 
+def test_a_second_sweep_in_the_same_folder_writes_reports_of_its_own(resumed: Path, setup: Path) -> None:
+    """Two sweep files sharing one output folder (to share baseline runs): the first to report
+    keeps the plain names, the other's reports carry its name; neither overwrites the other."""
+    before = {n: (resumed / n).read_bytes() for n in ("results.csv", "summary.md", "summary.csv")}
+    assert (resumed / ".sweep_reports").read_text() == "sweep\n"
+    (setup / "seed0_only.yaml").write_text(SWEEP.replace("seeds: [0, 1]", "seeds: [0]"))
+    lines: list[str] = []
+    sweep = load_sweep(setup / "seed0_only.yaml", output=str(resumed))
+    assert run_sweep(sweep, Options(run=False), log=lines.append) == 0
+    assert {n: (resumed / n).read_bytes() for n in before} == before
+    own = pd.read_csv(resumed / "seed0_only.results.csv")
+    assert list(own["run_id"]) == ["baseline__s0", "lr_high__s0"]
+    assert list(own["status"]) == ["done", "done"]
+    shared = pd.read_csv(resumed / "results.csv").set_index("run_id")
+    metrics = [c for c in own.columns if "/" in c]
+    pd.testing.assert_frame_equal(own.set_index("run_id")[metrics], shared.loc[own["run_id"], metrics])
+    md = (resumed / "seed0_only.summary.md").read_text()
+    assert md.startswith(MARKER) and "](seed0_only.summary.png)" in md
+    assert (resumed / "seed0_only.summary.png").stat().st_size > 0
+    assert (resumed / "seed0_only.results.parquet").is_file() and (
+        resumed / "seed0_only.summary.csv"
+    ).is_file()
+    assert (
+        lines[-1]
+        == f"results: {resumed / 'seed0_only.results.csv'}; summary: {resumed / 'seed0_only.summary.md'}"
+    )
+    # the folder's own sweep still reports under the plain names
+    run_sweep(load_sweep(setup / "sweep.yaml", output=str(resumed)), Options(run=False), log=lines.append)
+    assert lines[-1] == f"results: {resumed / 'results.csv'}; summary: {resumed / 'summary.md'}"
+    assert _cells((resumed / "summary.md").read_text()) == _cells(before["summary.md"].decode())
+
+
 def test_parallel_runs_equal_sequential_ones(resumed: Path, setup: Path) -> None:
     """Seed 0 of both variants, two at once, against the same runs of the sequential sweep."""
     (setup / "seed0.yaml").write_text(SWEEP.replace("seeds: [0, 1]", "seeds: [0]"))

@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Runs every (variant, seed) of a sweep file (clipkit.sweep.spec documents it) as "
         "'clipkit train' in its own process, evaluates each with the file's suite, and writes "
         "results.csv/.parquet, summary.md (mean ± std over seeds, z against the baseline) and "
-        "summary.png in the output folder. Every variant's config is checked before the first run. "
+        "summary.png in the output folder (prefixed by the sweep's name when another sweep reported "
+        "there first). Every variant's config is checked before the first run. "
         "Run the same command again after a kill: finished runs are skipped, interrupted ones resume.",
     )
     p.add_argument(
@@ -65,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
     )
     failed = run_sweep(sweep, opts, log=lambda msg: print(msg, flush=True))
     if failed:
-        print(f"clipkit sweep: {failed} run(s) failed (see summary.md); run again to retry them")
+        print(f"clipkit sweep: {failed} run(s) failed (see the summary); run again to retry them")
     return 1 if failed else 0

@@ -9,7 +9,8 @@ watches its process), and a lock on ``<output>/.sweep.lock`` keeps a second swee
 folder. After a kill, the same command skips finished
 runs and resumes the interrupted ones from their newest checkpoint (``clipkit.sweep.job``).
 ``results.csv`` / ``results.parquet``, ``summary.md`` / ``summary.csv`` and ``summary.png``
-are rewritten after every finished run.
+are rewritten after every finished run (named ``<sweep name>.results.csv`` and so on when
+another sweep's reports are in the folder already: ``clipkit.sweep.report.report_files``).
 
 With ``--parallel N``, each run gets ``train.threads = cores // N`` (at least 1; ``--threads``
 sets it), used for training and evaluation alike. Runs that share a locked tower share its
@@ -297,7 +298,7 @@ def describe(sweep: Sweep, states: list[tuple[Run, str]], threads: int | None, o
 def run_sweep(sweep: Sweep, opts: Options, log: Callable[[str], None] = print) -> int:
     """Validate every run, then run what is not done and write the reports; returns the number
     of failed runs (0 = all finished)."""
-    from clipkit.sweep.report import check_markdown_target, write_reports
+    from clipkit.sweep.report import check_markdown_target, report_files, write_reports
 
     threads = threads_per_run(opts.parallel, opts.threads, usable_cores())
     runs = plan_runs(sweep, threads)  # every config loaded before anything runs
@@ -307,7 +308,7 @@ def run_sweep(sweep: Sweep, opts: Options, log: Callable[[str], None] = print) -
         check_runs(sweep, runs)
         log(describe(sweep, [(r, state_of(sweep, r, suite_sha)) for r in runs], threads, opts))
         return 0
-    for md in (sweep.output / "summary.md", opts.summary_out):
+    for md in (report_files(sweep)["summary.md"], opts.summary_out):
         if md is not None:
             check_markdown_target(Path(md))  # before hours of training, not after
 
@@ -326,5 +327,6 @@ def run_sweep(sweep: Sweep, opts: Options, log: Callable[[str], None] = print) -
         else:
             log(f"sweep '{sweep.name}': {sum(s == 'done' for _, s in states)} of {len(runs)} runs done")
         report()
-    log(f"results: {sweep.output / 'results.csv'}; summary: {sweep.output / 'summary.md'}")
+    files = report_files(sweep)
+    log(f"results: {files['results.csv']}; summary: {files['summary.md']}")
     return failed

@@ -65,8 +65,19 @@ def test_a_cursor_taken_mid_pass_continues_with_the_next_sample(shards, stop):
 
 def test_progress_and_fetch(shards):
     progress = [0] * 4
-    read(shards, Cursor(worker=1), progress=progress)
-    assert progress[2:] == [2, 4]  # worker 1: shard index, samples read of it
+    seen = []  # worker 1's (shard index, samples read of it) as each sample comes out
+    reader = ShardReader(
+        shards,
+        {"txt"}.__contains__,
+        SkipCounter("skip"),
+        Cursor(worker=1),
+        opener=open_url,
+        progress=progress,
+    )
+    for _ in reader:
+        seen.append(tuple(progress[2:]))
+    assert seen == [(s, n) for s in range(3) for n in range(1, 5)]
+    assert progress[2:] == [3, 4]  # all 3 shards read: the index is past the last one
     reader = ShardReader(shards, {"txt"}.__contains__, SkipCounter("skip"), Cursor(0), opener=open_url)
     found = reader.fetch(1, {0, 3, 9})
     assert sorted(found) == [0, 3] and found[3]["__key__"] == "k07" and found[3]["__pos__"] == (1, 3)

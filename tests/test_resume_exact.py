@@ -7,6 +7,7 @@ torch (a fresh interpreter takes ~6 s to import them; a fork takes milliseconds)
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import random
 import time
@@ -165,6 +166,8 @@ def stream_shards(folder: Path) -> str:
                 Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(buf, format="PNG")
                 image = b"not a png" if n % 7 == 3 else buf.getvalue()
                 sink.write({"__key__": f"k{n:03d}", "png": image, "txt": f"caption {n}", "idx": str(n)})
+    # the pass length the stream opens the next pass ahead by (garbage images are samples too)
+    (folder / "sizes.json").write_text(json.dumps({f"s-{s}.tar": 10 for s in range(4)}))
     return str(folder / "s-{0..3}.tar")
 
 
@@ -193,17 +196,62 @@ def test_stream_state_continues_with_the_same_batches_across_epochs(tmp_path, wo
 
     total = 26  # ~2.6 epochs of ~10 full batches
     whole = stream()
-    want = [whole.next_batch(i) for i in range(total)]
+    want = [whole.next_batch() for _ in range(total)]
     for cut in (1, 4, 11, 19):  # mid-epoch, first epoch, second epoch (some workers done)
         first = stream()
-        for i in range(cut):
-            first.next_batch(i)
+        for _ in range(cut):
+            first.next_batch()
         state = first.state_dict()
         again = stream()
         again.load_state_dict(state)
         for i in range(cut, total):
-            got, ref = again.next_batch(i), want[i]
+            got, ref = again.next_batch(), want[i]
             assert got["key"] == ref["key"], (cut, i)
             assert torch.equal(got["image"], ref["image"]) and torch.equal(got["idx"], ref["idx"])
         assert again.epoch == whole.epoch
     assert sum(whole.skip.by_kind.values()) > 0  # the garbage images were skipped and counted
+
+
+def test_the_next_pass_opens_before_the_current_one_ends_with_the_same_batches(tmp_path):
+    """With loader workers the stream makes the next pass's loader while the current pass still
+    has batches (its workers start meanwhile); the batches equal those of a stream that opens
+    each pass only when the last one has ended."""
+    from torchvision import transforms as T
+
+    from clipkit.config import DataConfig
+    from clipkit.data import build_loader
+    from clipkit.training.stream import TrainStream
+
+    spec = stream_shards(tmp_path / "shards")
+    cfg = DataConfig(batch_size=3, workers=2, shuffle_buffer=5)
+    to_tensor = T.Compose([T.Resize(8), T.ToTensor()])
+
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        return torch.tensor([[len(t), hash(t) % 1000] for t in texts])
+
+    def run(ahead: bool) -> tuple[list[dict], list[int], dict[int, int]]:
+        batches: list[dict] = []
+        made: dict[int, int] = {}  # epoch -> batches returned when its loader was made
+
+        def make(seed: int, epoch: int, resume: dict | None):
+            made[epoch] = len(batches)
+            return build_loader(
+                cfg, spec, to_tensor, tokenize, train=True, seed=seed, epoch=epoch, resume=resume
+            )
+
+        s = TrainStream(make, cfg.batch_size, seed=1, open_ahead=ahead)
+        epochs = []
+        for _ in range(26):  # ~2.6 passes of ~10 full batches
+            batches.append(s.next_batch())
+            epochs.append(s.epoch)
+        s.close()
+        return batches, epochs, made
+
+    (late, late_epochs, late_made), (early, early_epochs, early_made) = run(False), run(True)
+    assert late_epochs == early_epochs and max(early_epochs) == 2
+    for a, b in zip(late, early):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+    first = {e: early_epochs.index(e) for e in (1, 2)}  # the index of each pass's first batch
+    for e in (1, 2):
+        assert late_made[e] == first[e]  # made when its first batch was asked for
+        assert early_made[e] < first[e]  # made while the previous pass still had batches

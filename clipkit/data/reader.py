@@ -52,6 +52,8 @@ class ShardReader:
                 self.progress[2 * cursor.worker] = i
             yield from self.read_shard(self.shards[i])
         cursor.shard, cursor.offset = len(self.shards), 0
+        if self.progress is not None:  # read all its shards (the stream then opens the next pass)
+            self.progress[2 * cursor.worker] = len(self.shards)
 
     def read_shard(self, url: str) -> Iterator[dict[str, Any]]:
         """Samples of shard ``cursor.shard`` from number ``cursor.offset`` on (earlier ones unread)."""

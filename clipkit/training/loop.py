@@ -271,6 +271,7 @@ def setup(cfg: Config) -> Run:
         from clipkit.data.hard_negatives import HardNegativeSampler
 
         stream.make_loader = HardNegativeSampler(cfg.data, model, acc, cache, stream.make_loader)
+        stream.open_ahead = False  # a pass's neighbours are mined with the model at its start
     run = Run(cfg, acc, run_dir, model, loss_fn, optimizer, scheduler, stream, budget, per_step, total_steps)
     run.cache_note, run.resumed_from = cache_note, resume_from
     run.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
@@ -313,7 +314,7 @@ def next_micro_batches(run: Run) -> list[tuple[dict[str, Any], BatchMeta]]:
     left = run.budget - run.samples_seen
     micro = []
     while len(micro) < run.cfg.optim.accum_steps and left > 0:
-        batch = run.stream.next_batch(run.step)
+        batch = run.stream.next_batch()
         take = min(size, left // world)
         micro.append(split_inputs(batch if take == size else trim(batch, take), epoch=run.stream.epoch))
         left -= take * world

@@ -10,8 +10,21 @@ Training length is a budget of samples (``train.samples``), not a number of epoc
   budget alone: ``ceil(samples / that)``. The last step is cut to the samples left, so
   ``samples_seen == train.samples`` exactly at the end (with several ranks the budget is
   rounded up to a multiple of ``world_size``: every rank needs the same batch size).
-- Each pass is seeded with ``stream_seed(train.seed, epoch, step the pass started at)``; the
-  shard order, each (rank, worker)'s shards and its sample shuffle follow from that seed.
+- Each pass is seeded with ``stream_seed(train.seed, epoch, 0)``; the shard order, each
+  (rank, worker)'s shards and its sample shuffle follow from that seed. (A pass restarted from
+  a checkpoint without stream positions is reseeded with the checkpoint's step in place of 0,
+  and checkpoints of earlier versions hold the step their pass started at: the state keeps
+  ``start_step`` for both.) The seed does not depend on when a pass starts, so the next pass
+  is known before the current one ends.
+- Opening a pass ahead. A pass's loader workers start (fork, open their shards, fill the
+  shuffle buffer, decode a first batch) before its first batch comes out. With loader
+  workers, when the current pass is about to end (every worker has read all its shards, or,
+  by ``sizes.json``, no more than the workers' prefetched batches are left: ``OPEN_AHEAD``),
+  the stream opens the next pass's loader, so its workers start while the last batches are
+  trained on and the step that opens the pass does not wait for them (on one H200, the 10-step rows of ViT-B/32 that held a pass boundary ran at
+  1,001-1,153 samples/s against 2,655-3,055 for the others, ``benchmarks/RESULTS.md``). The
+  batches are the same either way. Off (``open_ahead=False``) for loader factories whose next
+  pass depends on the training so far (hard-negative mining reads the model at the boundary).
 - With ``data.resampled`` (``clipkit.data.resample``) the loader never ends: there is one
   endless pass, the epoch stays 0 and nothing is dropped; ``train.samples`` alone sets the
   length. Batches then carry each sample's source, and the stream counts the trained samples
@@ -59,6 +72,12 @@ def stream_seed(seed: int, epoch: int, start_step: int) -> int:
     """Stable 31-bit seed of the pass over the shards that epoch ``epoch`` starts at step ``start_step``."""
     digest = hashlib.sha256(f"clipkit-stream/{seed}/{epoch}/{start_step}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# The next pass opens when the current one has at most (2 x its workers + 1) batches left: torch's
+# loader keeps 2 batches a worker in flight (prefetch_factor), so by then the current workers
+# have read their shards and wait.
+OPEN_AHEAD = 2
 
 
 def steps_for(samples: int, per_step: int) -> int:
@@ -118,12 +137,13 @@ def trim(batch: dict[str, Any], n: int) -> dict[str, Any]:
 
 
 class TrainStream:
-    """Endless full micro-batches; ``next_batch(step)`` opens a new pass when one ends.
+    """Endless full micro-batches; ``next_batch()`` opens a new pass when one ends.
 
     ``all_ranks_have(bool) -> bool``: True when every rank got a batch (with one rank, the
     identity); a pass ends on all ranks together, so no rank waits in a collective alone.
     ``waiting_since`` is the ``time.monotonic()`` at which the loop started waiting for the
     batch it is waiting for, None when it is not waiting (the stall watchdog reads it).
+    ``open_ahead``: open the next pass's loader before the current pass ends (module docstring).
     """
 
     def __init__(
@@ -135,8 +155,10 @@ class TrainStream:
         start_step: int = 0,
         all_ranks_have: Callable[[bool], bool] = lambda ok: ok,
         skip: SkipStats | None = None,
+        open_ahead: bool = True,
     ):
         self.make_loader = make_loader
+        self.open_ahead = open_ahead
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = epoch
@@ -152,6 +174,8 @@ class TrainStream:
         self._next_worker = 0
         self._resume: dict[str, Any] | None = None  # for the next pass opened (load_state_dict)
         self.sources_seen: list[int] = []  # resampled: this rank's trained samples per source
+        self._ahead: tuple[int, Any, Iterator[dict[str, Any]]] | None = None  # (epoch, loader, iterator)
+        self._reader_shards: list[int] = []  # the current pass: shards of each worker (reader)
 
     # ------------------------------------------------------------------ state
 
@@ -194,16 +218,28 @@ class TrainStream:
         private ``_shutdown_workers``, which the iterator's ``__del__`` also calls, so that the
         workers stop here even while a traceback still holds the iterator."""
         it, self._it = self._it, None
-        shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator
-        if shutdown is not None:
-            shutdown()
+        ahead, self._ahead = self._ahead, None
+        for each in (it, ahead[2] if ahead else None):
+            _stop_workers(each)
 
     # ------------------------------------------------------------------ batches
 
     def _open(self) -> None:
-        seed = stream_seed(self.seed, self.epoch, self.start_step)
         resume, self._resume = self._resume, None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and (ahead[0] != self.epoch or resume is not None or self.start_step):
+            _stop_workers(ahead[2])  # opened for another pass than the one starting (a reload)
+            ahead = None
+        if ahead is not None:  # opened ahead (_open_next): its workers are running already
+            _, self.loader, self._it = ahead
+            self._positions = [None] * int(getattr(self.loader, "readers", 1))
+            self._next_worker = 0
+            self._full = 0
+            self._reader_shards = _reader_shards(self.loader)
+            return
+        seed = stream_seed(self.seed, self.epoch, self.start_step)
         self.loader = self.make_loader(seed, self.epoch, resume)
+        self._reader_shards = _reader_shards(self.loader)
         if resume is not None and not hasattr(self.loader, "resumed"):
             warnings.warn(
                 f"this pass's loader ({type(self.loader).__name__}) cannot continue a pass exactly: epoch "
@@ -219,6 +255,35 @@ class TrainStream:
             self._full = 0
         self._it = iter(self.loader)
 
+    def _open_next(self) -> None:
+        """Open the next pass's loader now when the current pass is about to end (see the module
+        docstring): its workers start while the current pass's last batches are trained on."""
+        loader = self.loader
+        if not self.open_ahead or self._ahead is not None or getattr(loader, "resampled", False):
+            return
+        workers = int(getattr(loader, "num_workers", 0))
+        if workers < 1 or not self._ending(loader, workers):  # no workers to start early
+            return
+        epoch = self.epoch + 1
+        nxt = self.make_loader(stream_seed(self.seed, epoch, 0), epoch, None)
+        self._ahead = (epoch, nxt, iter(nxt))
+
+    def _ending(self, loader: Any, workers: int) -> bool:
+        """True when the current pass has at most its workers' prefetched batches left: every
+        worker has read all its shards (``loader.progress``), or ``sizes.json``'s count says so."""
+        total = getattr(loader, "num_samples", None)
+        if (
+            total
+            and int(total) - self._full * self.batch_size <= (OPEN_AHEAD * workers + 1) * self.batch_size
+        ):
+            return True
+        progress, lengths = getattr(loader, "progress", None), self._reader_shards
+        return (
+            progress is not None
+            and bool(lengths)
+            and all(progress[2 * w] >= n for w, n in enumerate(lengths))
+        )
+
     def _fetch(self) -> dict[str, Any] | None:
         assert self._it is not None
         for batch in self._it:
@@ -232,21 +297,22 @@ class TrainStream:
             self.dropped += len(batch["key"])
         return None
 
-    def next_batch(self, step: int) -> dict[str, Any]:
-        """The next full batch; ``step`` (optimizer steps done) seeds a pass that has to start now."""
+    def next_batch(self) -> dict[str, Any]:
+        """The next full batch (of the next pass when the current one has ended)."""
         self.waiting_since = time.monotonic()
         try:
-            return self._next_batch(step)
+            return self._next_batch()
         finally:
             self.waiting_since = None
 
-    def _next_batch(self, step: int) -> dict[str, Any]:
+    def _next_batch(self) -> dict[str, Any]:
         while True:
             if self._it is None:
                 self._open()
             batch = self._fetch()
             if self.all_ranks_have(batch is not None):
                 self._full += 1
+                self._open_next()
                 return batch  # type: ignore[return-value]
             if batch is not None:  # another rank's pass ended: this batch is left over
                 self.dropped += len(batch["key"])
@@ -256,7 +322,8 @@ class TrainStream:
                     f"on some rank ({self.skip.report()}); lower data.batch_size or add shards"
                 )
             self.epoch += 1
-            self.start_step = step
+            self.start_step = 0  # a pass from its beginning: seeded with (seed, epoch, 0)
+            _stop_workers(self._it)  # the finished pass's workers (torch's own stop, or now)
             self._it = None
 
     def waiting_on(self) -> str:
@@ -280,3 +347,20 @@ class TrainStream:
         if shard >= len(shards):
             return f"{who}, which has read all its {len(shards)} shard(s)"
         return f"{who}, reading shard '{shards[shard]}' (sample {sample})"
+
+
+def _stop_workers(it: Any) -> None:
+    """Stop a loader iterator's worker processes now (torch's private ``_shutdown_workers``,
+    which its ``__del__`` also calls; nothing for an in-process iterator)."""
+    shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator
+    if shutdown is not None:
+        shutdown()
+
+
+def _reader_shards(loader: Any) -> list[int]:
+    """How many shards each of ``loader``'s workers reads in a pass ([] when it does not say, or
+    when its workers draw from all shards, resampled)."""
+    shards, readers = getattr(loader, "shards", None), int(getattr(loader, "readers", 0) or 0)
+    if shards is None or readers < 1 or getattr(loader, "resampled", False):
+        return []
+    return [len(worker_shards(list(shards), w, readers)) for w in range(readers)]

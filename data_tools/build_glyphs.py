@@ -51,9 +51,8 @@ from PIL import Image
 
 from clipkit.data.atomic import atomic_write_text
 from clipkit.data.builders import BUILDERS
-from data_tools.build_emoji import _is_complete, emoji_pairs
-from data_tools.build_emoji import _key_hash as key_hash
-from data_tools.build_emoji import _write_split as write_split
+from data_tools.build_emoji import emoji_pairs
+from data_tools.common import BUILD_INFO, completed_build, finish_build, key_hash, start_build, write_split
 
 # (npm package, version): pinned, so a build is the same on every machine.
 PACKAGES = {
@@ -63,7 +62,6 @@ PACKAGES = {
 }
 SIZE = 72  # canvas, as the emoji
 GLYPH = 60  # the icon's longer side on it
-BUILD_INFO = "build_info.json"
 NUMBER_WORDS = {
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
     "keycap", "digit", "number", "numeric",
@@ -236,9 +234,9 @@ def build(
         "packages": {k: f"{p}@{v}" for k, (p, v) in PACKAGES.items()},
         "emoji_val_fraction": build_emoji_val_fraction(emoji),
     }  # fmt: skip
-    if (done := _is_complete(out, params)) is not None:
+    if (done := completed_build(out, params, ("train", "val"))) is not None:
         return done
-    (out / BUILD_INFO).unlink(missing_ok=True)  # incomplete until written again at the end
+    start_build(out)
     tarballs = fetch_packages(Path(packages) if packages else out / "packages")
     samples, drops = glyph_samples(tarballs, held_out_forms(emoji_val_captions(emoji)))
     samples.sort(key=lambda s: key_hash(s[0]))  # hash order mixes the sets in every shard
@@ -256,7 +254,7 @@ def build(
             image_bytes=_png_of,
         )
     atomic_write_text(out / "dataset_type.txt", "retrieval\n")
-    atomic_write_text(out / BUILD_INFO, json.dumps({"params": params, "counts": counts}, indent=1))
+    finish_build(out, params, counts)
     return counts
 
 

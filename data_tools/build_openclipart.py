@@ -26,7 +26,6 @@ no-op.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import re
 import warnings
@@ -42,6 +41,7 @@ from clipkit.data.build import BuildOptions, build_shards
 from clipkit.data.builders import BUILDERS
 from clipkit.data.imageops import ImageOptions
 from clipkit.data.sources import SourceItem
+from data_tools.common import key_hash
 
 ROOT = Path("/usr/share/openclipart")
 NS = {
@@ -51,11 +51,6 @@ NS = {
 SKIP_KEYWORDS = {"unsorted", "hash", "none", ""}
 MAX_KEYWORDS = 8
 MAX_SILHOUETTE_PIXELS = 40_000_000
-
-
-def _key_hash(text: str) -> float:
-    """Deterministic value in [0, 1) (same on every machine and Python run)."""
-    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16) / 16**12
 
 
 def _clean(text: str | None) -> str:
@@ -180,14 +175,14 @@ def build(
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    pairs = sorted(clipart_pairs(root), key=lambda p: _key_hash(p[0]))[:limit]
+    pairs = sorted(clipart_pairs(root), key=lambda p: key_hash(p[0]))[:limit]
     opts = BuildOptions(
         shard_size=shard_size, image=ImageOptions("keep_ratio", max_side, image_format="jpg", quality=90),
         dedup=True, threads=threads, incremental=True,
     )  # fmt: skip
     counts: dict[str, object] = {}
     for split in ("train", "val"):
-        chosen = [p for p in pairs if (_key_hash("split:" + p[0]) < val_fraction) == (split == "val")]
+        chosen = [p for p in pairs if (key_hash("split:" + p[0]) < val_fraction) == (split == "val")]
         stats = build_shards(
             _items(chosen), Path(out_dir) / split, opts, source=f"openclipart:{root}:{split}"
         )

@@ -14,7 +14,6 @@ local webdataset that neither training source (emoji, openclipart) nor Animal-MN
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,8 @@ from typing import Any
 from PIL import Image
 
 from clipkit.data.atomic import atomic_write_text
-from clipkit.data.shards import ShardWriter, read_sizes
-
-BUILD_INFO = "build_info.json"
+from clipkit.data.shards import ShardWriter
+from data_tools.common import completed_build, finish_build, start_build
 
 
 def png(image: Image.Image) -> bytes:
@@ -43,14 +41,7 @@ def on_white(image: Image.Image) -> Image.Image:
 
 def complete(out: Path, params: dict[str, Any]) -> dict[str, int] | None:
     """The counts of a complete build of ``out`` with ``params``, else None."""
-    try:
-        info = json.loads((out / BUILD_INFO).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    sizes = read_sizes(out / "test")
-    if info.get("params") != params or sum(sizes.values()) != info["counts"]["test"]:
-        return None
-    return info["counts"] if all((out / "test" / n).is_file() for n in sizes) else None
+    return completed_build(out, params, ("test",))
 
 
 def write_test_split(
@@ -63,7 +54,7 @@ def write_test_split(
 ) -> dict[str, int]:
     """Write ``samples`` (``{"__key__", "png", "cls" | "txt"}``) as the layout above; the task is
     zero-shot classification when ``classnames`` are given, else retrieval. Returns the counts."""
-    (out / BUILD_INFO).unlink(missing_ok=True)  # incomplete until written again at the end
+    start_build(out)
     with ShardWriter(out / "test", prefix="", maxcount=shard_size, digits=0) as writer:
         for sample in samples:
             writer.write(sample)
@@ -77,5 +68,5 @@ def write_test_split(
         atomic_write_text(out / "zeroshot_classification_templates.txt", "\n".join(templates or []) + "\n")
         counts["classes"] = len(classnames)
     atomic_write_text(out / "dataset_type.txt", "classification\n" if classnames else "retrieval\n")
-    atomic_write_text(out / BUILD_INFO, json.dumps({"params": params, "counts": counts}, indent=1))
+    finish_build(out, params, counts)
     return counts

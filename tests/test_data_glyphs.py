@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from data_tools import build_emoji, build_glyphs
+from data_tools.common import key_hash
 
 SQUARE = '<path fill="currentColor" d="M4 4h8v8H4z"/>'  # the middle quarter of a 16-unit box
 
@@ -104,9 +105,7 @@ def test_render_fits_a_wide_icon_by_its_longer_side():
 
 
 def test_build_writes_deterministic_decontaminated_splits(tmp_path):
-    val_caption = next(
-        c for k, _, c in build_emoji.emoji_pairs() if build_emoji._key_hash("split:" + k) < 0.1
-    )
+    val_caption = next(c for k, _, c in build_emoji.emoji_pairs() if key_hash("split:" + k) < 0.1)
     names = [f"thing-{w}" for w in "abcdefghijklmnopqrstuvwxyz"] + ["horse-head", "elephant"]
     sets = {
         "game-icons": {n: {"body": SQUARE} for n in names} | {"dice-six-faces-one": {"body": SQUARE}},

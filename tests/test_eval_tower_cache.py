@@ -7,6 +7,7 @@ locked (or differs) must not read another tower's features.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -124,10 +125,10 @@ def test_a_torn_cache_file_is_recomputed(setup, monkeypatch):
     assert len(calls) == 2 and _scores(second) == _scores(first)
 
 
-def test_evaluations_that_start_together_make_one_image_pass(setup, monkeypatch):
-    """Two evaluations of one locked tower at once (a sweep's --parallel runs): the second waits
-    on the first's lock and reads its file. Here two threads; flock locks belong to each open
-    file, so they exclude each other as two processes would."""
+def test_evaluations_that_start_together_make_one_image_pass(setup, monkeypatch, capsys):
+    """Two evaluations of one locked tower at once (a sweep's --parallel runs): the second says
+    whom it waits for, waits on the first's lock and reads its file. Here two threads; flock
+    locks belong to each open file, so they exclude each other as two processes would."""
     tmp, suite, models = setup
     plain = run_suite(
         [models["a"]], suite, RunOptions(tmp / "p", batch_size=4, report=False), log=lambda m: None
@@ -158,6 +159,12 @@ def test_evaluations_that_start_together_make_one_image_pass(setup, monkeypatch)
     second.join(120)
     assert len(calls) == 2  # one pass per dataset, not one per thread
     assert _scores(results["first"]) == _scores(results["second"]) == _scores(plain)
+    waited = [line for line in capsys.readouterr().out.splitlines() if "waiting for it to end" in line]
+    assert waited and all(
+        f"another clipkit process (pid {os.getpid()}) is computing the image-tower features" in line
+        for line in waited
+    )
+    assert not list((tmp / "cache_together" / "tower").glob("*.lock"))  # released: removed
 
 
 def test_key_changes_with_the_dataset_and_batch(setup):

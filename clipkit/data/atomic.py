@@ -106,8 +106,7 @@ def folder_lock(
     wait: bool = False,
     on_wait: Callable[[str], None] | None = None,
 ) -> Iterator[None]:
-    """Let one process at a time write ``folder``: hold an exclusive ``flock`` on its
-    ``.clipkit-write.lock``, which holds the holder's pid and is removed on release.
+    """Let one process at a time write ``folder``: ``file_lock`` on its ``.clipkit-write.lock``.
 
     Another holder is a ``FolderBusyError`` naming the folder, or, with ``wait``, a wait for it to
     end (``on_wait`` gets a message first). The kernel drops the lock of a killed process, so a
@@ -115,7 +114,25 @@ def folder_lock(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / WRITE_LOCK
+    with file_lock(folder / WRITE_LOCK, what, f"writing {folder}", wait=wait, on_wait=on_wait):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(
+    path: str | os.PathLike[str],
+    what: str,
+    doing: str,
+    *,
+    wait: bool = False,
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path``, which holds the holder's pid and is
+    removed on release. ``what`` (the caller's task) and ``doing`` (what a holder does, e.g.
+    "writing <folder>") word the messages: another holder is a ``FolderBusyError``, or, with
+    ``wait``, a wait for it to end (``on_wait`` gets a message first). The kernel drops the lock
+    of a killed process; its stale file is taken over."""
+    path = Path(path)
     told = False
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -126,11 +143,11 @@ def folder_lock(
             if not wait:
                 os.close(fd)
                 raise FolderBusyError(
-                    f"{what}: another clipkit process{holder} is writing {folder}; wait for it to end "
+                    f"{what}: another clipkit process{holder} is {doing}; wait for it to end "
                     "(or stop it), or write to another folder"
                 ) from None
             if on_wait is not None and not told:
-                on_wait(f"{what}: another clipkit process{holder} is writing {folder}; waiting for it to end")
+                on_wait(f"{what}: another clipkit process{holder} is {doing}; waiting for it to end")
                 told = True
             fcntl.flock(fd, fcntl.LOCK_EX)
         # The holder before us removes the file when it lets go: a lock on that removed file

@@ -22,9 +22,7 @@ features waits and reads them instead of computing them too.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,18 +112,18 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def _computing(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``<path>.lock`` while this process computes ``path``: the
-    runs of a sweep that start together (``--parallel``) then make one image pass, not one each;
-    the others wait and read its file. The lock file stays (removing it would race a waiter that
-    has it open); the kernel drops the lock of a killed process."""
-    lock = path.with_suffix(".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    """Hold ``<path>.lock`` (``clipkit.data.atomic.file_lock``) while this process computes
+    ``path``: the runs of a sweep that start together (``--parallel``) then make one image pass,
+    not one each; the others say whom they wait for, wait, and read its file. The kernel drops
+    the lock of a killed process."""
+    from clipkit.data.atomic import file_lock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(
+        path.with_suffix(".lock"), "evaluation", f"computing the image-tower features {path.name}",
+        wait=True, on_wait=lambda msg: print(msg, flush=True),
+    ):  # fmt: skip
         yield
-    finally:
-        os.close(fd)
 
 
 def _save(path: Path, data: dict[str, Any]) -> None:

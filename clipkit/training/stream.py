@@ -21,9 +21,10 @@ Training length is a budget of samples (``train.samples``), not a number of epoc
   workers, when the current pass is about to end (every worker has read all its shards, or,
   by ``sizes.json``, no more than the workers' prefetched batches are left: ``OPEN_AHEAD``),
   the stream opens the next pass's loader, so its workers start while the last batches are
-  trained on and the step that opens the pass does not wait for them (on one H200, the 10-step rows of ViT-B/32 that held a pass boundary ran at
-  1,001-1,153 samples/s against 2,655-3,055 for the others, ``benchmarks/RESULTS.md``). The
-  batches are the same either way. Off (``open_ahead=False``) for loader factories whose next
+  trained on and the step that opens the pass does not wait for them. (On one H200, the
+  10-step rows of ViT-B/32 that held a pass boundary ran at 1,001-1,153 samples/s against
+  2,655-3,055 for the others before; the whole run went from 1,962 to 2,443 samples/s,
+  ``benchmarks/RESULTS.md``.) The batches are the same either way. Off (``open_ahead=False``) for loader factories whose next
   pass depends on the training so far (hard-negative mining reads the model at the boundary).
 - With ``data.resampled`` (``clipkit.data.resample``) the loader never ends: there is one
   endless pass, the epoch stays 0 and nothing is dropped; ``train.samples`` alone sets the

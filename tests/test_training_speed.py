@@ -116,6 +116,31 @@ def test_hf_tower_on_longest_caption_equals_full_context():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["open_clip:clipkit-tiny-ViT", "hf:minilm"])
+def test_compiled_text_tower_keeps_one_shape_and_equals_the_eager_forward(name):
+    """Under torch.compile the text runs at its full context: batches whose longest captions
+    differ compile once (a recompile is an error here), and the outputs equal the eager, cut
+    forward's. Before, each new longest caption recompiled the graph."""
+    import torch._dynamo
+
+    tower = (
+        build_tower(TowerConfig(name=name, weights="bundled", context_length=32), "text")
+        if name.startswith("hf:")
+        else text_tower(name, context_length=32)
+    ).eval()
+    batches = [tower.tokenize(CAPTIONS[i : i + 2]) for i in (0, 1, 2)]  # longest: 8, 8 and 6 words
+    batches.append(tower.tokenize(["sun", "a cat"]))  # longest: 2 words
+    assert len({int((b != b[0, -1]).sum(1).max()) for b in batches}) >= 2  # the cut would differ
+    with torch.no_grad():
+        want = [tower(b) for b in batches]
+        torch._dynamo.reset()
+        compiled = torch.compile(tower, backend="eager", dynamic=False)  # dynamo traces, no inductor
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = [compiled(b) for b in batches]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------- last block, pooled rows
 
 

@@ -162,6 +162,11 @@ class DataConfig:
     image_keys: str = "jpg;jpeg;png;webp"
     # torch threads per loader worker (and in the main process when workers=0).
     threads_per_worker: int = 1
+    # Training with workers: start the next pass's workers before the current pass ends (once
+    # its workers have read all their shards), so no step waits for new workers at a pass
+    # boundary (clipkit.training.stream). Both passes' workers are alive meanwhile; false opens
+    # each pass only when the last one has ended (less memory at the boundary). Same batches.
+    open_next_pass_early: bool = True
     # Caption augmentation in training ("Improved baselines for vision-language pre-training",
     # clipkit.data.text_augment): drop each word with this probability (one word always stays),
     # and shuffle the word order. Drawn per sample from (seed, epoch, key): deterministic.

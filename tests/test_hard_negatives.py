@@ -160,6 +160,7 @@ def test_training_run_batches_neighbours_together(tmp_path, monkeypatch):
             ids = sampler.ids
             nbrs = {int(ids[p]): [int(ids[q]) for q in sampler.neighbours[p]] for p in range(len(ids))}
         seen.extend((run.stream.epoch, sampler.minings, b["idx"].tolist(), nbrs) for b in micro)
+        assert run.stream.open_ahead is False  # a pass is mined with the model at its start
         return step(run, micro, *args, **kw)
 
     monkeypatch.setattr(loop, "train_step", recording_step)
@@ -176,6 +177,22 @@ def test_training_run_batches_neighbours_together(tmp_path, monkeypatch):
             follow = [q for q in nbrs[b[0]] if q not in before][:7]
             assert b[1 : 1 + len(follow)] == follow
             before |= set(b)
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_data_open_next_pass_early_reaches_the_training_stream(tmp_path, monkeypatch, early):
+    spec, _ = write_idx_shards(tmp_path / "shards")
+    tree = tiny_tree(spec, tmp_path / "runs", **{"train.samples": 16, "data.open_next_pass_early": early})
+    flags = []
+    step = loop.train_step
+
+    def recording_step(run, micro, *args, **kw):
+        flags.append(run.stream.open_ahead)
+        return step(run, micro, *args, **kw)
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    loop.train(from_dict(Config, tree))
+    assert flags == [early, early]
 
 
 class FakeModel:

@@ -227,7 +227,10 @@ def make_stream(cfg: Config, model: nn.Module, acc: Accelerator, cache: FeatureC
         flag = torch.tensor([1.0 if ok else 0.0], device=acc.device)
         return bool(acc.reduce(flag, reduction="sum").item() == acc.num_processes)
 
-    return TrainStream(loader, cfg.data.batch_size, cfg.train.seed, all_ranks_have=all_ranks_have)
+    return TrainStream(
+        loader, cfg.data.batch_size, cfg.train.seed, all_ranks_have=all_ranks_have,
+        open_ahead=cfg.data.open_next_pass_early,
+    )  # fmt: skip
 
 
 def setup(cfg: Config) -> Run:

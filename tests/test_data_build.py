@@ -349,6 +349,29 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     return proc
 
 
+def test_a_waiter_names_a_holder_that_writes_its_pid_just_after_taking_the_lock(tmp_path):
+    """The holder writes its pid just after its flock; a waiter that opens the file in between
+    reads it again rather than naming nobody (the race seen once in the suite)."""
+    import fcntl
+    import os
+    import threading
+
+    from clipkit.data.atomic import FolderBusyError, file_lock
+
+    path = tmp_path / "x.lock"
+    holder = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # taken, pid not written yet
+    late = threading.Timer(0.05, lambda: os.pwrite(holder, b"4242\n", 0))
+    late.start()
+    try:
+        busy = pytest.raises(FolderBusyError, match=r"another clipkit process \(pid 4242\) is testing")
+        with busy, file_lock(path, "task", "testing"):
+            pass
+    finally:
+        late.join()
+        os.close(holder)
+
+
 def test_a_build_into_a_folder_another_build_writes_stops_and_names_it(folder, tmp_path, capsys):
     from clipkit.data.atomic import WRITE_LOCK, FolderBusyError
 

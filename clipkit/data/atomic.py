@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -84,9 +85,15 @@ class FolderBusyError(ClipkitError):
     """Another process holds the write lock of a folder."""
 
 
-def _holder(fd: int) -> str:
-    pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    return f" (pid {pid})" if pid.isdigit() else ""
+def _holder(fd: int, settle_s: float = 0.2) -> str:
+    """ " (pid N)" of the lock file's holder, or "" when it names none. A holder writes its pid
+    just after it takes the lock, so an empty file is read again for up to ``settle_s``."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if pid.isdigit() or time.monotonic() >= deadline:
+            return f" (pid {pid})" if pid.isdigit() else ""
+        time.sleep(0.005)
 
 
 def _same_file(fd: int, path: Path) -> bool:

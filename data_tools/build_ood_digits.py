@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from clipkit.data.builders import BUILDERS
-from data_tools.ood import complete, png, write_test_split
+from data_tools.common import completed_build
+from data_tools.ood import png, write_test_split
 
 CLASSNAMES = [str(d) for d in range(10)]
 TEMPLATES = [
@@ -66,7 +67,7 @@ def build(out_dir: str | Path, shard_size: int = 1000, seed: int = 0) -> dict[st
     identical build is kept. Returns ``{"test", "test_shards", "classes"}``."""
     out = Path(out_dir)
     params = {"shard_size": shard_size, "seed": seed, "scale": SCALE}
-    if (done := complete(out, params)) is not None:
+    if (done := completed_build(out, params, ("test",))) is not None:
         return done
     images, labels = load_arrays()
     order = np.random.default_rng(seed).permutation(len(images))

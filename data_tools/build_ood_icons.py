@@ -27,7 +27,8 @@ from pathlib import Path
 from PIL import Image
 
 from clipkit.data.builders import BUILDERS
-from data_tools.ood import complete, on_white, png, write_test_split
+from data_tools.common import completed_build
+from data_tools.ood import on_white, png, write_test_split
 
 ROOT = Path("/usr/share/icons/oxygen/base")
 SIZE = "48x48"
@@ -71,7 +72,7 @@ def build(out_dir: str | Path, shard_size: int = 1000, root: str | Path = ROOT) 
     Returns ``{"test", "test_shards"}``."""
     out = Path(out_dir)
     params = {"shard_size": shard_size, "root": str(root), "size": SIZE, "contexts": list(CONTEXTS)}
-    if (done := complete(out, params)) is not None:
+    if (done := completed_build(out, params, ("test",))) is not None:
         return done
     return write_test_split(out, _samples(icon_pairs(root)), params, shard_size)
 

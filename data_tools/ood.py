@@ -22,7 +22,7 @@ from PIL import Image
 
 from clipkit.data.atomic import atomic_write_text
 from clipkit.data.shards import ShardWriter
-from data_tools.common import completed_build, finish_build, start_build
+from data_tools.common import finish_build, start_build
 
 
 def png(image: Image.Image) -> bytes:
@@ -37,11 +37,6 @@ def on_white(image: Image.Image) -> Image.Image:
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     background.alpha_composite(rgba)
     return background.convert("RGB")
-
-
-def complete(out: Path, params: dict[str, Any]) -> dict[str, int] | None:
-    """The counts of a complete build of ``out`` with ``params``, else None."""
-    return completed_build(out, params, ("test",))
 
 
 def write_test_split(

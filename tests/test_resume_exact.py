@@ -7,7 +7,6 @@ torch (a fresh interpreter takes ~6 s to import them; a fork takes milliseconds)
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import random
 import time
@@ -166,8 +165,6 @@ def stream_shards(folder: Path) -> str:
                 Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(buf, format="PNG")
                 image = b"not a png" if n % 7 == 3 else buf.getvalue()
                 sink.write({"__key__": f"k{n:03d}", "png": image, "txt": f"caption {n}", "idx": str(n)})
-    # the pass length the stream opens the next pass ahead by (garbage images are samples too)
-    (folder / "sizes.json").write_text(json.dumps({f"s-{s}.tar": 10 for s in range(4)}))
     return str(folder / "s-{0..3}.tar")
 
 

@@ -229,7 +229,8 @@ def make_stream(cfg: Config, model: nn.Module, acc: Accelerator, cache: FeatureC
 
     return TrainStream(
         loader, cfg.data.batch_size, cfg.train.seed, all_ranks_have=all_ranks_have,
-        open_ahead=cfg.data.open_next_pass_early,
+        # hard-negative passes are mined with the model at their start: never opened early
+        open_ahead=cfg.data.open_next_pass_early and cfg.data.hard_negatives.k == 0,
     )  # fmt: skip
 
 
@@ -274,7 +275,6 @@ def setup(cfg: Config) -> Run:
         from clipkit.data.hard_negatives import HardNegativeSampler
 
         stream.make_loader = HardNegativeSampler(cfg.data, model, acc, cache, stream.make_loader)
-        stream.open_ahead = False  # a pass's neighbours are mined with the model at its start
     run = Run(cfg, acc, run_dir, model, loss_fn, optimizer, scheduler, stream, budget, per_step, total_steps)
     run.cache_note, run.resumed_from = cache_note, resume_from
     run.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)

@@ -18,9 +18,9 @@ Training length is a budget of samples (``train.samples``), not a number of epoc
   is known before the current one ends.
 - Opening a pass ahead. A pass's loader workers start (fork, open their shards, fill the
   shuffle buffer, decode a first batch) before its first batch comes out. With loader
-  workers, when the current pass is about to end (every worker has read all its shards, or,
-  by ``sizes.json``, no more than the workers' prefetched batches are left: ``OPEN_AHEAD``),
-  the stream opens the next pass's loader, so its workers start while the last batches are
+  workers, when the current pass is about to end (every worker has read all its shards:
+  what is left is in their shuffle buffers and prefetched batches), the stream opens the next
+  pass's loader, so its workers start while the last batches are
   trained on and the step that opens the pass does not wait for them. (On one H200, the
   10-step rows of ViT-B/32 that held a pass boundary ran at 1,001-1,153 samples/s against
   2,655-3,055 for the others before; the whole run went from 1,962 to 2,443 samples/s,
@@ -73,12 +73,6 @@ def stream_seed(seed: int, epoch: int, start_step: int) -> int:
     """Stable 31-bit seed of the pass over the shards that epoch ``epoch`` starts at step ``start_step``."""
     digest = hashlib.sha256(f"clipkit-stream/{seed}/{epoch}/{start_step}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-# The next pass opens when the current one has at most (2 x its workers + 1) batches left: torch's
-# loader keeps 2 batches a worker in flight (prefetch_factor), so by then the current workers
-# have read their shards and wait.
-OPEN_AHEAD = 2
 
 
 def steps_for(samples: int, per_step: int) -> int:
@@ -232,14 +226,10 @@ class TrainStream:
             _stop_workers(ahead[2])  # opened for another pass than the one starting (a reload)
             ahead = None
         if ahead is not None:  # opened ahead (_open_next): its workers are running already
-            _, self.loader, self._it = ahead
-            self._positions = [None] * int(getattr(self.loader, "readers", 1))
-            self._next_worker = 0
-            self._full = 0
-            self._reader_shards = _reader_shards(self.loader)
-            return
-        seed = stream_seed(self.seed, self.epoch, self.start_step)
-        self.loader = self.make_loader(seed, self.epoch, resume)
+            _, self.loader, it = ahead
+        else:
+            seed = stream_seed(self.seed, self.epoch, self.start_step)
+            self.loader, it = self.make_loader(seed, self.epoch, resume), None
         self._reader_shards = _reader_shards(self.loader)
         if resume is not None and not hasattr(self.loader, "resumed"):
             warnings.warn(
@@ -254,36 +244,20 @@ class TrainStream:
             self._positions = [None] * int(getattr(self.loader, "readers", 1))
             self._next_worker = 0
             self._full = 0
-        self._it = iter(self.loader)
+        self._it = iter(self.loader) if it is None else it
 
     def _open_next(self) -> None:
         """Open the next pass's loader now when the current pass is about to end (see the module
         docstring): its workers start while the current pass's last batches are trained on."""
         loader = self.loader
-        if not self.open_ahead or self._ahead is not None or getattr(loader, "resampled", False):
-            return
-        workers = int(getattr(loader, "num_workers", 0))
-        if workers < 1 or not self._ending(loader, workers):  # no workers to start early
-            return
+        if not self.open_ahead or self._ahead is not None or int(getattr(loader, "num_workers", 0)) < 1:
+            return  # off, done already, or no workers to start early
+        progress, lengths = getattr(loader, "progress", None), self._reader_shards
+        if progress is None or not lengths or any(progress[2 * w] < n for w, n in enumerate(lengths)):
+            return  # a worker still reads its shards (or the loader does not say: resampled)
         epoch = self.epoch + 1
         nxt = self.make_loader(stream_seed(self.seed, epoch, 0), epoch, None)
         self._ahead = (epoch, nxt, iter(nxt))
-
-    def _ending(self, loader: Any, workers: int) -> bool:
-        """True when the current pass has at most its workers' prefetched batches left: every
-        worker has read all its shards (``loader.progress``), or ``sizes.json``'s count says so."""
-        total = getattr(loader, "num_samples", None)
-        if (
-            total
-            and int(total) - self._full * self.batch_size <= (OPEN_AHEAD * workers + 1) * self.batch_size
-        ):
-            return True
-        progress, lengths = getattr(loader, "progress", None), self._reader_shards
-        return (
-            progress is not None
-            and bool(lengths)
-            and all(progress[2 * w] >= n for w, n in enumerate(lengths))
-        )
 
     def _fetch(self) -> dict[str, Any] | None:
         assert self._it is not None

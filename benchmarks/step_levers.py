@@ -4,12 +4,13 @@ A diagnostic, not a comparison with another tool (train_throughput.py is that). 
 ``small`` setup of train_throughput.py as ``benchmarks/train_profile.py`` does and times whole
 optimizer steps:
 
-    all on             clipkit as it trains
+    all on             clipkit as it trains (on a CPU the text packed: text_padding.packed_block)
     no pooled block    the last vision and text blocks on every row (clipkit.models.pooled_block)
-    no length groups   text cut to the batch's longest caption, one group (text_padding.length_groups)
+    text in groups     text padded, rows in length groups (text_padding.length_groups)
+    text in one group  text padded, cut to the batch's longest caption, one group
     glibc malloc       CLIPKIT_MALLOC=default: glibc's own mmap / trim thresholds (clipkit.allocator)
 
-The first three run in one process, in turn, ``--steps`` steps each, for ``--rounds`` rounds: a
+The first four run in one process, in turn, ``--steps`` steps each, for ``--rounds`` rounds: a
 machine whose speed drifts (a shared one does, by 10-20 % between processes) then slows them
 alike. The allocator is set when a process starts, so it runs as ``--repeats`` pairs of
 train_profile.py processes, one with and one without, alternating, with the main process's page
@@ -17,7 +18,7 @@ faults and system time a step. Printed: medians, ranges, the ratio to all on, th
 
     .venv/bin/python benchmarks/step_levers.py --model ViT-S-32-alt --threads 2 --workers 2
     .venv/bin/python benchmarks/step_levers.py --model clipkit-tiny-ViT --image-size 32 --context-length 16 --steps 30
-    .venv/bin/python benchmarks/step_levers.py ... --text-groups   # + the text tower alone under three group rules
+    .venv/bin/python benchmarks/step_levers.py ... --text-groups   # + the text tower alone under four layouts
 
 Run it alone on a quiet machine. ``--out FILE`` appends the tables (a tracked file only with
 ``--record``).
@@ -40,7 +41,12 @@ if str(_HERE) not in sys.path:
 
 import _record
 
-IN_PROCESS = (("all on", True, True), ("no pooled block", False, True), ("no length groups", True, False))
+IN_PROCESS = (  # name, pooled last blocks, text layout (train_profile.TEXT_LAYOUTS)
+    ("all on", True, "packed"),
+    ("no pooled block", False, "packed"),
+    ("text in groups", True, "groups"),
+    ("text in one group", True, "one group"),
+)
 PROCESSES = (("all on", {}), ("glibc malloc", {"CLIPKIT_MALLOC": "default"}))  # name, environment
 TOTAL = re.compile(r"\| \*\*total\*\* \| ([0-9.]+) \|")
 USAGE = re.compile(r"page faults ([0-9]+) / step, system time ([0-9]+) ms / step")
@@ -62,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--text-groups",
         action="store_true",
-        help="also time the text tower alone (forward + backward) under three length-group rules",
+        help="also time the text tower alone (forward + backward): packed and under three length-group rules",
     )
     p.add_argument("--out", default="", help="also append the table (markdown) to this file")
     _record.add_record_flag(p, "allow --out to be a tracked file (e.g. benchmarks/RESULTS.md)")
@@ -110,43 +116,53 @@ def in_process(args: argparse.Namespace) -> dict[str, list[float]]:
         for _ in range(args.skip):  # warm-up, levers on
             train_profile.timed_step(run, clock)
         for r in range(args.rounds):
-            for name, pooled, groups in IN_PROCESS:
-                train_profile.set_levers(run, pooled=pooled, groups=groups)
+            for name, pooled, text in IN_PROCESS:
+                train_profile.set_levers(run, pooled=pooled, text=text)
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     train_profile.timed_step(run, clock)
                 times[name].append(1000 * (time.perf_counter() - t0) / args.steps)
                 print(f"  round {r + 1}: {name}: {times[name][-1]:.1f} ms / step", flush=True)
-        train_profile.set_levers(run, pooled=True, groups=True)
+        train_profile.set_levers(run, pooled=True, text="packed")
         if args.text_groups:
             times.update(text_groups(run, args.rounds))
         run.metrics.close()
     return times
 
 
-TEXT_RULES = ("text: overhead scaled to the width", "text: flat 128 tokens", "text: one group")
+TEXT_RULES = (
+    "text: packed",
+    "text: groups, overhead scaled to the width",
+    "text: groups, flat 128 tokens",
+    "text: one group",
+)
 
 
 def text_groups(run, rounds: int, batches: int = 20) -> dict[str, list[float]]:
     """ms a batch of the text tower's forward and backward under each of TEXT_RULES, the rules
     alternating ``rounds`` times over the same ``batches`` batches of the run's own captions:
-    clipkit's rule (``text_padding.group_overhead``), the rule before it (128 tokens whatever the
-    width) and no split."""
+    packed (clipkit on a CPU, where the tower packs: ``text_padding.packed_block``), padded in
+    length groups under clipkit's rule (``text_padding.group_overhead``) and under the rule
+    before it (128 tokens whatever the width), and padded with no split."""
+    import train_profile
+
     from clipkit.models import text_padding
     from clipkit.training import loop
 
     text = run.acc.unwrap_model(run.model).text
     tokens = [loop.next_micro_batches(run)[0][0]["text"] for _ in range(batches)]
     scaled, built = text_padding.group_overhead, text_padding.GROUP_OVERHEAD_TOKENS
-    rules = {
-        TEXT_RULES[0]: scaled,
-        TEXT_RULES[1]: lambda width: built,
-        TEXT_RULES[2]: lambda width: 10**9,
+    rules = {  # name: (text layout for train_profile.set_levers, group overhead (width, device))
+        TEXT_RULES[0]: ("packed", scaled),
+        TEXT_RULES[1]: ("groups", scaled),
+        TEXT_RULES[2]: ("groups", lambda width, device=None: built),
+        TEXT_RULES[3]: ("groups", lambda width, device=None: 10**9),
     }
     times: dict[str, list[float]] = {name: [] for name in TEXT_RULES}
     try:
         for r in range(rounds):
-            for name, rule in rules.items():
+            for name, (layout, rule) in rules.items():
+                train_profile.set_levers(run, pooled=True, text=layout)
                 text_padding.group_overhead = rule
                 t0 = time.perf_counter()
                 for t in tokens:
@@ -155,6 +171,7 @@ def text_groups(run, rounds: int, batches: int = 20) -> dict[str, list[float]]:
                 print(f"  round {r + 1}: {name}: {times[name][-1]:.1f} ms a batch", flush=True)
     finally:
         text_padding.group_overhead = scaled
+        train_profile.set_levers(run, pooled=True, text="packed")
         text.zero_grad(set_to_none=True)
     return times
 
@@ -196,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             "",
             (
                 f"{setup}; the text tower alone, forward and backward of 20 batches of the run's "
-                f"captions, {args.rounds} rounds of the three rules in turn"
+                f"captions, {args.rounds} rounds of the four layouts in turn"
             ),
             "",
-            "| length groups | ms a batch (median of rounds) | range | vs the scaled rule |",
+            "| text layout | ms a batch (median of rounds) | range | vs packed |",
             "|---|---:|---:|---:|",
         ]
         for name in TEXT_RULES:

@@ -21,13 +21,15 @@ steps are left out. With ``--torch-profiler`` the heaviest operators (self CPU t
     .venv/bin/python benchmarks/train_profile.py --model clipkit-tiny-ViT --image-size 32 --context-length 16
     .venv/bin/python benchmarks/train_profile.py ... --full-text --set optim.implementation=for_loop  # levers off
     .venv/bin/python benchmarks/train_profile.py ... --set train.precision=auto
+    .venv/bin/python benchmarks/train_profile.py ... --no-pooled-block --no-packing
     .venv/bin/python benchmarks/train_profile.py ... --no-pooled-block --no-length-groups
     CLIPKIT_MALLOC=default .venv/bin/python benchmarks/train_profile.py ...  # glibc's malloc defaults
 
 ``--set key=value`` adds clipkit overrides (the speed levers can be switched off one by one);
 ``--no-pooled-block`` runs the last vision and text blocks on every row (``clipkit.models.pooled_block``
-off), ``--no-length-groups`` cuts the whole batch to its longest caption in one group
-(``clipkit.models.text_padding.length_groups`` off) and ``CLIPKIT_MALLOC=default`` leaves glibc's
+off), ``--no-packing`` runs the text padded, in length groups (``clipkit.models.text_padding``'s
+packed blocks off), ``--no-length-groups`` cuts the whole batch to its longest caption in one
+group (packing and ``clipkit.models.text_padding.length_groups`` off) and ``CLIPKIT_MALLOC=default`` leaves glibc's
 malloc as it is (``clipkit.allocator``). The heading also gives the main process's page faults and
 system time over the timed steps. ``benchmarks/step_levers.py`` runs these one by one.
 """
@@ -88,9 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="last vision / text block on every row (clipkit.models.pooled_block off)",
     )
     p.add_argument(
+        "--no-packing",
+        action="store_true",
+        help="text padded, in length groups (text_padding's packed blocks off)",
+    )
+    p.add_argument(
         "--no-length-groups",
         action="store_true",
-        help="text cut to the batch's longest caption in one group (text_padding.length_groups off)",
+        help="text cut to the batch's longest caption in one group (packing and text_padding.length_groups off)",
     )
     p.add_argument("--torch-profiler", action="store_true", help="also print the top operators")
     p.add_argument("--out", default="", help="also append the table (markdown) to this file")
@@ -183,31 +190,45 @@ def timed_step(run, clock: dict[str, float]) -> None:
 
 
 def switch_levers(run, args: argparse.Namespace) -> None:
-    """Turn off the speed levers that ``--no-pooled-block`` / ``--no-length-groups`` name."""
-    set_levers(run, pooled=not args.no_pooled_block, groups=not args.no_length_groups)
+    """Turn off the speed levers that ``--no-pooled-block`` / ``--no-packing`` /
+    ``--no-length-groups`` name."""
+    text = "one group" if args.no_length_groups else "groups" if args.no_packing else "packed"
+    set_levers(run, pooled=not args.no_pooled_block, text=text)
 
 
-def set_levers(run, pooled: bool, groups: bool) -> None:
-    """Switch the pooled last blocks and the length groups of ``run``'s model on (as clipkit
-    built it) or off, either way and as often as asked (step_levers.py alternates them)."""
+TEXT_LAYOUTS = ("packed", "groups", "one group")
+
+
+def set_levers(run, pooled: bool, text: str = "packed") -> None:
+    """Switch the pooled last blocks of ``run``'s model on (as clipkit built it) or off, and run
+    its text ``packed`` (as built, where the tower packs), padded in length ``groups``, or padded
+    in ``one group`` cut to the longest caption; either way and as often as asked
+    (step_levers.py alternates them)."""
+    if text not in TEXT_LAYOUTS:
+        raise ValueError(f"text layout {text!r}: one of {TEXT_LAYOUTS}")
     from clipkit.models import text_padding
 
     model = run.acc.unwrap_model(run.model)
-    vision, text = model.vision, model.text
+    vision, tower = model.vision, model.text
     built = run.__dict__.setdefault("_levers_as_built", {})
     if not built:
         built["vision"] = getattr(vision, "pooled_last_block", None)
         built["overhead"] = text_padding.GROUP_OVERHEAD_TOKENS
-        for owner, attr in ((text, "causal_text"), (getattr(text, "model", None), "causal")):
+        for owner, attr in ((tower, "causal_text"), (getattr(tower, "model", None), "causal")):
             if getattr(owner, attr, None) is not None:
                 built["text"] = (owner, attr, getattr(owner, attr))
     if built["vision"] is not None:
         vision.pooled_last_block = built["vision"] and pooled
     if "text" in built:
         owner, attr, spec = built["text"]
-        setattr(owner, attr, dataclasses.replace(spec, pooled_last_block=spec.pooled_last_block and pooled))
-    # off: one group, no split is ever worth an overhead this large
-    text_padding.GROUP_OVERHEAD_TOKENS = built["overhead"] if groups else 10**9
+        packed = spec.packed and text == "packed"
+        setattr(
+            owner,
+            attr,
+            dataclasses.replace(spec, pooled_last_block=spec.pooled_last_block and pooled, packed=packed),
+        )
+    # one group: no split is ever worth an overhead this large
+    text_padding.GROUP_OVERHEAD_TOKENS = 10**9 if text == "one group" else built["overhead"]
 
 
 def table(clock: dict[str, float], steps: int, batch_size: int) -> str:
@@ -261,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         f"threads {args.threads}, workers {args.workers}, overrides {args.set or 'none'}, "
         f"text {'full context' if args.full_text else 'cut to the longest caption'}, "
         f"precision {run.cfg.train.precision}, pooled last block {'off' if args.no_pooled_block else 'on'}, "
-        f"length groups {'off' if args.no_length_groups else 'on'}, allocator: {allocator.state()}, "
+        f"text {'one group' if args.no_length_groups else 'in length groups' if args.no_packing else 'packed'}, allocator: {allocator.state()}, "
         f"load avg {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n\n"
         f"page faults {faults:.0f} / step, system time {1000 * sys_s:.0f} ms / step (main process)"
     )

@@ -405,7 +405,8 @@ def test_objectives_recipe_keeps_its_own_data_and_its_own_keys():
 def test_train_profile_switches_the_levers_off(monkeypatch):
     """``train_profile.py --no-pooled-block --no-length-groups`` (run by step_levers.py) really runs
     the last blocks on every row and the text in one group: the MLP of each last block sees every
-    token, and the first block sees the batch once, cut to its longest caption."""
+    token, and the first block sees the batch once, cut to its longest caption. ``--no-packing``
+    runs the text padded in length groups; as built, it runs packed."""
     import types
 
     import torch
@@ -424,14 +425,19 @@ def test_train_profile_switches_the_levers_off(monkeypatch):
         ["a cat", "a small red dog on a wooden table near a big old green tree"] + ["sun"] * 40
     )
     longest = int(tokens.argmax(-1).max()) + 1
+    real = int((tokens.argmax(-1) + 1).sum())
 
-    def rows_seen(tower, images_or_tokens):
+    def rows_seen(tower, images_or_tokens, packed=None):
         seen = {"first": [], "last": []}
         blocks = tower.model.transformer.resblocks
         hooks = [
             blocks[0].register_forward_pre_hook(lambda m, a: seen["first"].append(tuple(a[0].shape[:2]))),
             blocks[-1].mlp.register_forward_pre_hook(lambda m, a: seen["last"].append(tuple(a[0].shape[:2]))),
         ]
+        if packed is not None:  # packed tokens skip the block's own forward: its MLP sees them
+            hooks.append(
+                blocks[0].mlp.register_forward_pre_hook(lambda m, a: packed.append(tuple(a[0].shape)))
+            )
         tower(images_or_tokens)
         for h in hooks:
             h.remove()
@@ -440,8 +446,14 @@ def test_train_profile_switches_the_levers_off(monkeypatch):
     images = torch.randn(3, 3, 32, 32)
     # The tiny tower split as a wider one would be (restored after, like what switch_levers sets)
     monkeypatch.setattr(text_padding, "GROUP_OVERHEAD_TOKENS", 0)
-    on_text = rows_seen(text, tokens)
-    assert rows_seen(vision, images)["last"] == [(3, 1)] and len(on_text["first"]) > 1  # levers on
+    packed = []
+    on_text = rows_seen(text, tokens, packed)
+    assert rows_seen(vision, images)["last"] == [(3, 1)]  # levers on
+    assert on_text == {"first": [], "last": [(42, 1)]} and packed == [(real, 64)]  # the real tokens alone
+    profile.switch_levers(run, profile.parse_args(["--no-packing"]))
+    grouped = rows_seen(text, tokens)
+    assert len(grouped["first"]) == 3 and [r for r, _ in grouped["first"]] == [40, 1, 1]  # a group per length
+    assert grouped["last"] == [(40, 1), (1, 1), (1, 1)]
     profile.switch_levers(run, profile.parse_args(["--no-pooled-block", "--no-length-groups"]))
     assert rows_seen(vision, images)["last"] == [(3, 17)]  # every patch token and the class token
     off_text = rows_seen(text, tokens)

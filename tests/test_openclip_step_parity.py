@@ -6,7 +6,7 @@ ViT-S-32-alt): ``CLIP.forward`` (full-context text), ``open_clip.ClipLoss``, tor
 AdamW over open_clip_train's two groups (no decay where ``p.ndim < 2`` or the name holds "bn",
 "ln", "bias" or "logit_scale"), its warmup-cosine learning rate set before each step,
 ``clip_grad_norm_`` over every parameter, and the in-place clamp of ``logit_scale`` to [0, ln 100]. clipkit's side is what
-``clipkit train`` runs: its DualEncoder (text cut to the batch's longest caption), loss, AdamW
+``clipkit train`` runs: its DualEncoder (text packed to its real tokens), loss, AdamW
 groups (fused update), ``LambdaLR`` schedule and clipping. If the two differ, a from-scratch
 benchmark against OpenCLIP compares two recipes, not two implementations of one.
 """
@@ -88,9 +88,9 @@ def test_training_steps_equal_open_clip_train_from_the_same_weights(tmp_path):
         [LR / WARMUP, LR, 0.5 * (1 + math.cos(math.pi * (STEPS - 1 - WARMUP) / (STEPS - WARMUP))) * LR]
     )
 
-    cut = []
-    ck.text.model.transformer.resblocks[0].register_forward_pre_hook(
-        lambda m, args: cut.append(args[0].shape[1])
+    packed = []  # (tokens, width) entering the first text block's MLP: packed, the real tokens alone
+    ck.text.model.transformer.resblocks[0].mlp.register_forward_pre_hook(
+        lambda m, args: packed.append(tuple(args[0].shape))
     )
     for step, inputs in enumerate(batches):
         ck.train()
@@ -115,4 +115,6 @@ def test_training_steps_equal_open_clip_train_from_the_same_weights(tmp_path):
             without_key_bias(name, got), without_key_bias(name, want), rtol=1e-4, atol=2e-6,
             msg=f"{name} after {STEPS} steps",
         )  # fmt: skip
-    assert min(cut) < CONTEXT  # clipkit's text ran on the longest caption, not the full context
+    # clipkit's text ran on each caption's real tokens (packed), not on the full context
+    real = [int((b["text"].argmax(-1) + 1).sum()) for b in batches]
+    assert [t for t, _ in packed] == real and max(real) < len(batches[0]["text"]) * CONTEXT

@@ -33,6 +33,15 @@ def widths_seen(module: nn.Module) -> list[int]:
     return seen
 
 
+def set_causal(tower, **changes) -> None:
+    """Replace fields of ``tower``'s ``CausalText`` (a custom-text tower keeps it as
+    ``causal_text``, ``ClipText`` as ``model.causal``)."""
+    if tower.causal_text is not None:
+        tower.causal_text = dataclasses.replace(tower.causal_text, **changes)
+    else:
+        tower.model.causal = dataclasses.replace(tower.model.causal, **changes)
+
+
 def causal_custom_text_config(folder) -> str:
     """A custom-text open_clip config (``TextTransformer``) with the causal mask: cut like CLIP's."""
     path = folder / "tiny-causal-customtext.json"
@@ -57,6 +66,8 @@ def test_causal_text_on_longest_caption_equals_full_context(name, cut, tmp_path)
     tokens = tower.tokenize(CAPTIONS)  # (4, 16), padded with zeros after the end-of-text token
     longest = int(tokens.argmax(-1).max()) + 1
     assert longest < tokens.shape[1]  # there is padding to cut
+    if cut:
+        set_causal(tower, packed=False)  # the padded layout, cut (packing: test_packed_text_*)
     seen = widths_seen(tower.model.transformer.resblocks[0])
     got = tower(tokens)
     assert seen == [longest if cut else tokens.shape[1]]  # the transformer's sequence length
@@ -208,11 +219,13 @@ def test_vit_pooled_last_block_keeps_the_class_token_under_patch_dropout(tmp_pat
     torch.testing.assert_close(got, tower.model(images), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("name", ["open_clip:clipkit-tiny-ViT", "causal-customtext"])
-def test_text_with_pooled_last_block_equals_the_full_forward(name, tmp_path):
+def test_text_with_pooled_last_block_equals_the_full_forward(name, packed, tmp_path):
     # Captions of different lengths: each row's end-of-text query must see exactly its own
     # keys 0..p (the causal mask's row), not the longer captions' padding columns.
     tower = text_tower(causal_custom_text_config(tmp_path) if name == "causal-customtext" else name)
+    set_causal(tower, packed=packed)
     spec = tower.causal_text or tower.model.causal
     assert spec.pooled_last_block
     tokens = tower.tokenize(CAPTIONS)
@@ -224,7 +237,7 @@ def test_text_with_pooled_last_block_equals_the_full_forward(name, tmp_path):
     got_grads = grads(tower)
     tower.zero_grad()
     assert rows == [(len(CAPTIONS), 1)]
-    full = dataclasses.replace(spec, pooled_last_block=False)  # oracle: every row through the last block
+    full = dataclasses.replace(spec, pooled_last_block=False, packed=False)  # oracle: every row, padded
     if tower.causal_text is not None:
         tower.causal_text = full
     else:
@@ -234,6 +247,82 @@ def test_text_with_pooled_last_block_equals_the_full_forward(name, tmp_path):
     assert rows[-1] == (len(CAPTIONS), int(tokens.argmax(-1).max()) + 1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert_same_grads(got_grads, grads(tower))
+
+
+PACK_CAPTIONS = [
+    *CAPTIONS,
+    "a",
+    "an orange cat asleep on a very old red sofa in the warm afternoon sun by the open window",
+]  # the last is longer than the context: truncated, its end-of-text token at the last column
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("pooled", [True, False])
+@pytest.mark.parametrize("name", ["open_clip:clipkit-tiny-ViT", "causal-customtext"])
+def test_packed_text_equals_open_clip_full_context_forward_and_gradients(
+    name, pooled, checkpointing, tmp_path
+):
+    tower = text_tower(causal_custom_text_config(tmp_path) if name == "causal-customtext" else name).train()
+    spec = tower.causal_text or tower.model.causal
+    assert spec.packed  # open_clip's plain blocks under its causal mask pack
+    set_causal(tower, pooled_last_block=pooled)
+    tower.model.transformer.grad_checkpointing = checkpointing
+    tokens = tower.tokenize(PACK_CAPTIONS)  # (6, 16)
+    lengths = (tokens.argmax(-1) + 1).tolist()
+    assert lengths[-1] == tokens.shape[1] and min(lengths) < max(lengths)
+    shapes = []
+    tower.model.transformer.resblocks[0].mlp.register_forward_pre_hook(
+        lambda m, a: shapes.append(tuple(a[0].shape))
+    )
+    got = tower(tokens)
+    (got**2).sum().backward()
+    got_grads = grads(tower)
+    tower.zero_grad()
+    # The first block's MLP ran on the real tokens alone, one row each (again in backward when checkpointed)
+    assert shapes == [(sum(lengths), tower.model.transformer.width)] * (2 if checkpointing else 1)
+    # Oracle: the full-context forward, open_clip's own TextTransformer.forward (custom text) or
+    # ClipText with no cut (CLIP.encode_text, test_split_open_clip_text_equals_open_clip_encode_text)
+    if tower.causal_text is not None:
+        tower.causal_text = None
+    else:
+        tower.model.causal = None
+    tower.model.transformer.grad_checkpointing = False
+    want = tower(tokens)
+    (want**2).sum().backward()
+    assert shapes[-1] == (len(PACK_CAPTIONS), tokens.shape[1], tower.model.transformer.width)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert_same_grads(got_grads, grads(tower))
+
+
+def test_packed_text_under_bf16_autocast_matches_the_padded_forward():
+    tower = text_tower("open_clip:clipkit-tiny-ViT").train()
+    tokens = tower.tokenize(PACK_CAPTIONS)
+    out = {}
+    for packed in (True, False):
+        set_causal(tower, packed=packed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[packed] = tower(tokens)
+    assert out[True].dtype == out[False].dtype
+    torch.testing.assert_close(out[True].float(), out[False].float(), atol=3e-2, rtol=3e-2)
+
+
+def test_only_plain_causal_blocks_pack_and_only_on_a_cpu():
+    from clipkit.models import text_padding
+
+    tower = text_tower("open_clip:clipkit-tiny-ViT")
+    m = tower.model
+    assert text_padding.packable(m.transformer, m.attn_mask)
+    not_causal = m.attn_mask.clone()
+    not_causal[3, 1] = -math.inf  # a key masked below the diagonal: not the causal mask
+    assert not text_padding.packable(m.transformer, not_causal)
+    assert not text_padding.packable(m.transformer, torch.zeros_like(m.attn_mask))
+    m.transformer.resblocks[1].attn.dropout = 0.1  # attention dropout: not written out
+    assert not text_padding.packable(m.transformer, m.attn_mask)
+    assert text_padding.causal_text_spec(m).packed is False
+    m.transformer.resblocks[1].attn.dropout = 0.0
+    assert text_padding.causal_text_spec(m).packed is True
+    assert text_padding.packs(torch.device("cpu"))
+    assert not text_padding.packs(torch.device("cuda", 0)) and not text_padding.packs("mps")
 
 
 def test_length_groups_minimise_padded_tokens_plus_overhead():
@@ -277,6 +366,7 @@ def test_group_overhead_scales_with_the_square_of_the_width_and_the_tiny_tower_r
     lengths = (tokens.argmax(-1) + 1).tolist()
     assert len(text_padding.length_groups(lengths, text_padding.group_overhead(256))) == 2
     assert len(text_padding.length_groups(lengths, text_padding.group_overhead(64))) == 1
+    set_causal(tower, packed=False)  # groups are the rule of a tower that cannot be packed
     seen = widths_seen(tower.model.transformer.resblocks[0])  # the tower itself: width 64
     tower(tokens)
     assert seen == [max(lengths)]
@@ -312,6 +402,7 @@ def test_the_text_forward_asks_for_the_group_overhead_of_its_own_device(monkeypa
     captions = ["sun"] * 7 + ["a small red dog on a wooden table near a big old green tree"]
     tower = text_tower("open_clip:clipkit-tiny-ViT", context_length=16)
     tokens = tower.tokenize(captions)
+    set_causal(tower, packed=False)
     seen = widths_seen(tower.model.transformer.resblocks[0])
     tower(tokens)
     assert asked == [tokens.device] and seen == [int(tokens.argmax(-1).max()) + 1]
@@ -324,6 +415,7 @@ def test_text_grouped_by_length_equals_one_cut_and_keeps_the_batch_order(overhea
     captions = [*CAPTIONS, "a", "an orange cat asleep on a very old red sofa in the sun", "two dogs"]
     tower = text_tower("open_clip:clipkit-tiny-ViT", context_length=24)
     tokens = tower.tokenize(captions)
+    set_causal(tower, packed=False)
     widths = widths_seen(tower.model.transformer.resblocks[0])
     monkeypatch.setattr(text_padding, "GROUP_OVERHEAD_TOKENS", overhead)
     monkeypatch.setattr(text_padding.length_groups, "__defaults__", (overhead,))

@@ -76,12 +76,12 @@ def test_lock_two_layers_leaves_exactly_the_top_two_trainable():
     # Dropout really is off below the top two layers: the locked part is deterministic in train().
     tokens = tower.tokenize(SENTENCES)
     outs: list[torch.Tensor] = []
-    hook = tower.model.encoder.layer[3].register_forward_hook(
-        lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o)
+    hook = tower.model.encoder.layer[3].output.register_forward_hook(  # the layer's last module
+        lambda m, i, o: outs.append(o)
     )
     tower(tokens), tower(tokens)
     hook.remove()
-    assert torch.equal(outs[0], outs[1])
+    assert len(outs) == 2 and torch.equal(outs[0], outs[1])
     a, b = tower(tokens), tower(tokens)
     assert not torch.equal(a, b)  # the unlocked top layers do train with dropout
     a.sum().backward()

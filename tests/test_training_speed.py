@@ -113,6 +113,7 @@ def test_hf_tower_on_longest_caption_equals_full_context():
     tokens = tower.tokenize(CAPTIONS)  # (4, 32)
     trimmed = trim_right_padding(tokens, tower.pad_token_id)
     assert trimmed.shape[1] < tokens.shape[1] and torch.equal(trimmed, tokens[:, : trimmed.shape[1]])
+    tower.packed = False  # Hugging Face's forward on the cut batch (packing: test_packed_minilm_*)
     seen = []
     tower.model.register_forward_pre_hook(
         lambda m, a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True
@@ -125,6 +126,106 @@ def test_hf_tower_on_longest_caption_equals_full_context():
         want = (hidden * m).sum(1) / m.sum(1)
     assert seen[0] == trimmed.shape[1]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def hf_padded_mean(tower, tokens):
+    """Oracle: Hugging Face's forward on the padded batch and the masked mean, written out."""
+    mask = tokens != tower.pad_token_id
+    hidden = tower.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1)
+
+
+def no_dropout(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    for layer in module.model.encoder.layer:
+        layer.attention.self.dropout.p = 0.0
+
+
+HF_CAPTIONS = [
+    *CAPTIONS,
+    "an emoji of grinning face with big eyes.",
+    "a clip art of a red fox sitting in the snow",
+]
+
+
+@pytest.mark.parametrize("unlocked", [2, 6])
+def test_packed_minilm_equals_hugging_face_forward_and_gradients(unlocked):
+    tower = build_tower(
+        TowerConfig(
+            name="hf:minilm", weights="bundled", context_length=24, locked=True, unlocked_layers=unlocked
+        ),
+        "text",
+    )
+    assert tower.packed  # MiniLM is a BertModel
+    no_dropout(tower)
+    tower.train()
+    tokens = tower.tokenize(HF_CAPTIONS)
+    real = int((tokens != tower.pad_token_id).sum())
+    shapes = []
+    tower.model.encoder.layer[0].intermediate.register_forward_pre_hook(
+        lambda m, a: shapes.append(tuple(a[0].shape))
+    )
+    got = tower(tokens)
+    (got**2).sum().backward()
+    got_grads = grads(tower)
+    tower.zero_grad()
+    assert shapes == [(real, 384)]  # the first layer's feed-forward ran on the real tokens alone
+    want = hf_padded_mean(tower, tokens)
+    (want**2).sum().backward()
+    want_grads = grads(tower)
+    assert len(want_grads) == len(got_grads) > 0 and shapes[-1][:2] == tuple(tokens.shape)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # A key bias has no true gradient (softmax ignores a shift shared by a query's logits): its
+    # computed one is rounding noise, so gradients are compared relative to the tower's largest.
+    scale = max(g.abs().max() for g in want_grads.values())
+    for n, w in want_grads.items():
+        assert (got_grads[n] - w).abs().max() <= 1e-5 * w.abs().max() + 1e-6 * scale, n
+    with torch.no_grad():  # evaluation: the same
+        tower.eval()
+        torch.testing.assert_close(tower(tokens), hf_padded_mean(tower, tokens), atol=1e-5, rtol=0)
+
+
+def test_packed_minilm_applies_dropout_in_training_and_runs_under_bf16_autocast():
+    tower = build_tower(TowerConfig(name="hf:minilm", weights="bundled", context_length=24), "text")
+    tokens = tower.tokenize(HF_CAPTIONS)
+    with torch.no_grad():
+        tower.eval()
+        clean = tower(tokens)
+        tower.train()
+        torch.manual_seed(0)
+        dropped = tower(tokens)
+        assert (dropped - clean).abs().max() > 1e-3  # dropout acts in the packed layers
+        tower.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            packed = tower(tokens)
+            tower.packed = False
+            padded = tower(tokens)
+    torch.testing.assert_close(packed.float(), padded.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_only_a_plain_bert_encoder_packs_and_checkpointing_runs_hugging_face_forward():
+    from transformers import BertConfig, BertModel
+
+    from clipkit.models.packed_hf import packable_bert
+
+    small = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 2}
+    assert packable_bert(BertModel(BertConfig(**small)))
+    assert not packable_bert(BertModel(BertConfig(**small, is_decoder=True)))  # causal: another mask
+    assert not packable_bert(BertModel(BertConfig(**small, chunk_size_feed_forward=4)))
+    assert not packable_bert(nn.Linear(3, 3))
+    tower = build_tower(TowerConfig(name="hf:minilm", weights="bundled", context_length=24), "text").eval()
+    tokens = tower.tokenize(HF_CAPTIONS)
+    calls = []
+    tower.model.encoder.register_forward_pre_hook(lambda m, a: calls.append(1))  # Hugging Face's own forward
+    with torch.no_grad():
+        tower(tokens)
+        assert calls == []
+        tower.set_grad_checkpointing(True)
+        tower(tokens)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("name", ["open_clip:clipkit-tiny-ViT", "hf:minilm"])

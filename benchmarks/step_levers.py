@@ -244,14 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(x[1] for x in procs[name]):.0f} | {statistics.median(x[2] for x in procs[name]):.0f} |"
         )
     lines += ["", f"load average before {load}, after " + " ".join(f"{x:.2f}" for x in os.getloadavg())]
-    heading = [
-        f"## Step levers: {args.model}, one lever off at a time ({time.strftime('%Y-%m-%d %H:%M')})",
-        "",
-        "```",
-        _record.command_line("step_levers.py", list(sys.argv[1:] if argv is None else argv)),
-        "```",
-        "",
-    ]
+    title = f"Step levers: {args.model}, one lever off at a time ({time.strftime('%Y-%m-%d %H:%M')})"
+    heading = _record.heading(title, "step_levers.py", argv)
     text = "\n".join(heading + lines) + "\n"
     print("\n" + text)
     if args.out:

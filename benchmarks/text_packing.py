@@ -105,13 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             times[way].append(train_once(args, way, out, r))
             print(f"  round {r + 1}: {way}: {times[way][-1]:.1f} s", flush=True)
     packed, padded = (statistics.median(times[w]) for w in WAYS)
+    title = f"Text packing: {Path(args.recipe).name}, {args.samples:,} samples ({time.strftime('%Y-%m-%d %H:%M')})"
     lines = [
-        f"## Text packing: {Path(args.recipe).name}, {args.samples:,} samples ({time.strftime('%Y-%m-%d %H:%M')})",
-        "",
-        "```",
-        _record.command_line("text_packing.py", list(sys.argv[1:] if argv is None else argv)),
-        "```",
-        "",
+        *_record.heading(title, "text_packing.py", argv),
         f"one process, {args.rounds} run(s) each way, alternating; training-loop seconds of each run",
         "",
         "| text tower | runs (s) | median (s) | samples/s | vs packed |",

@@ -164,14 +164,7 @@ def test_packed_minilm_equals_hugging_face_forward_and_gradients(unlocked):
     tower.train()
     tokens = tower.tokenize(HF_CAPTIONS)
     real = int((tokens != tower.pad_token_id).sum())
-    shapes = []
-    tower.model.encoder.layer[0].intermediate.register_forward_pre_hook(
-        lambda m, a: shapes.append(tuple(a[0].shape))
-    )
-    got = tower(tokens)
-    (got**2).sum().backward()
-    got_grads = grads(tower)
-    tower.zero_grad()
+    got, got_grads, shapes = forward_backward(tower, tokens, tower.model.encoder.layer[0].intermediate)
     assert shapes == [(real, 384)]  # the first layer's feed-forward ran on the real tokens alone
     want = hf_padded_mean(tower, tokens)
     (want**2).sum().backward()
@@ -258,6 +251,18 @@ def test_compiled_text_tower_keeps_one_shape_and_equals_the_eager_forward(name):
 
 def grads(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def forward_backward(tower: nn.Module, tokens: torch.Tensor, watched: nn.Module):
+    """(output, parameter gradients of sum(output**2), input shapes seen by ``watched``, which
+    keeps recording after). The gradients are cleared after."""
+    shapes: list[tuple[int, ...]] = []
+    watched.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+    out = tower(tokens)
+    (out**2).sum().backward()
+    out_grads = grads(tower)
+    tower.zero_grad()
+    return out, out_grads, shapes
 
 
 def assert_same_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -371,14 +376,7 @@ def test_packed_text_equals_open_clip_full_context_forward_and_gradients(
     tokens = tower.tokenize(PACK_CAPTIONS)  # (6, 16)
     lengths = (tokens.argmax(-1) + 1).tolist()
     assert lengths[-1] == tokens.shape[1] and min(lengths) < max(lengths)
-    shapes = []
-    tower.model.transformer.resblocks[0].mlp.register_forward_pre_hook(
-        lambda m, a: shapes.append(tuple(a[0].shape))
-    )
-    got = tower(tokens)
-    (got**2).sum().backward()
-    got_grads = grads(tower)
-    tower.zero_grad()
+    got, got_grads, shapes = forward_backward(tower, tokens, tower.model.transformer.resblocks[0].mlp)
     # The first block's MLP ran on the real tokens alone, one row each (again in backward when checkpointed)
     assert shapes == [(sum(lengths), tower.model.transformer.width)] * (2 if checkpointing else 1)
     # Oracle: the full-context forward, open_clip's own TextTransformer.forward (custom text) or

@@ -92,7 +92,7 @@ def test_defaults_stay_the_full_demo():
     args = build_parser().parse_args(["demo"])
     assert (args.samples, args.retrieval_pairs, args.out, args.zeroshot_per_class) == (None, 0, None, 100)
     cfg = load_config(RECIPE)
-    assert shrink(cfg, None, None) == [] and cfg.train.samples == 20_000
+    assert shrink(cfg, None, None) == [] and cfg.train.samples == 40_000  # benchmarks/recipes_budget.md
 
 
 def test_first_shards_keeps_one_part_per_source(demo):

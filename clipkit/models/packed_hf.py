@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clipkit.models.text_padding import real_positions, scatter_padded
+
 _LAYER_PARTS = (
     "attention.self.query",
     "attention.self.key",
@@ -86,8 +88,7 @@ def packed_layer(layer: nn.Module, h: Tensor, real: Tensor, keys: Tensor, batch:
     width = heads * d
 
     def padded(x: Tensor) -> Tensor:  # (T, width) -> (batch, heads, length, d), zeros at the padding
-        full = x.new_zeros(batch * length, width).index_copy(0, real, x)
-        return full.view(batch, length, heads, d).transpose(1, 2)
+        return scatter_padded(x, real, batch * length).view(batch, length, heads, d).transpose(1, 2)
 
     q, k, v = padded(sa.query(h)), padded(sa.key(h)), padded(sa.value(h))
     p = sa.dropout.p if sa.training else 0.0
@@ -104,8 +105,7 @@ def packed_bert_mean(model: nn.Module, tokens: Tensor, mask: Tensor) -> Tensor:
     Every row must hold a real token (a tokenizer's [CLS] and [SEP] always are)."""
     batch, length = tokens.shape
     x = model.embeddings(input_ids=tokens)  # (B, L, H): per position, as Hugging Face's forward
-    flat = mask.reshape(-1)
-    real = flat.nonzero().squeeze(1)  # (T,)
+    real = real_positions(mask)  # (T,)
     h = x.reshape(batch * length, -1).index_select(0, real)  # (T, H)
     keys = mask[:, None, None, :]  # (B, 1, 1, L)
     for layer in model.encoder.layer:

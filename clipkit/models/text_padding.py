@@ -211,6 +211,18 @@ def causal_text_forward(m: nn.Module, text: Tensor, spec: CausalText) -> Tensor:
     return torch.cat(outs)[torch.argsort(order)]  # back to the batch's order
 
 
+def real_positions(valid: Tensor) -> Tensor:
+    """(T,) flat indices of the True entries of ``valid`` (B, n): a padded batch's real tokens,
+    row after row, as packed (``packed_block``, ``clipkit.models.packed_hf``)."""
+    return valid.reshape(-1).nonzero().squeeze(1)
+
+
+def scatter_padded(x: Tensor, real: Tensor, size: int) -> Tensor:
+    """Packed rows ``x`` (T, C) back in a padded batch of ``size`` rows (B * n, C), zeros at
+    the padding; ``real`` from ``real_positions``."""
+    return x.new_zeros(size, x.shape[1]).index_copy(0, real, x)
+
+
 def packs(device: torch.device) -> bool:
     """True where the text runs packed (``packed_block``): on a CPU, where it was measured. On a
     GPU the batch runs as one group, as measured there (``group_overhead``)."""
@@ -233,7 +245,7 @@ def packed_block(block: nn.Module, h: Tensor, real: Tensor, batch: int, n: int) 
     attn = block.attn
     heads, width = attn.num_heads, h.shape[1]
     qkv = F.linear(block.ln_1(h), attn.in_proj_weight, attn.in_proj_bias)  # (T, 3W)
-    padded = qkv.new_zeros(batch * n, 3 * width).index_copy(0, real, qkv)  # (B * n, 3W)
+    padded = scatter_padded(qkv, real, batch * n)  # (B * n, 3W)
     q, k, v = (
         padded.view(batch, n, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
     )  # (B, H, n, hd)
@@ -251,9 +263,7 @@ def _packed_text_rows(m: nn.Module, x: Tensor, rows: Tensor, spec: CausalText) -
     ~30 % less than in length groups (ViT-S-32-alt, 2-core CPU)."""
     batch, n, width = x.shape
     lengths = rows + 1
-    real = (
-        (torch.arange(n, device=x.device)[None, :] < lengths[:, None]).reshape(-1).nonzero().squeeze(1)
-    )  # (T,)
+    real = real_positions(torch.arange(n, device=x.device)[None, :] < lengths[:, None])  # (T,)
     h = x.reshape(batch * n, width).index_select(0, real)  # (T, width)
     ckpt = m.transformer.grad_checkpointing and torch.is_grad_enabled()
     *body, last = m.transformer.resblocks
@@ -264,7 +274,7 @@ def _packed_text_rows(m: nn.Module, x: Tensor, rows: Tensor, spec: CausalText) -
             else packed_block(block, h, real, batch, n)
         )
     if spec.pooled_last_block:  # keys and values of every real token, the rest at the pooled rows only
-        padded = h.new_zeros(batch * n, width).index_copy(0, real, h).view(batch, n, width)
+        padded = scatter_padded(h, real, batch * n).view(batch, n, width)
         after = torch.arange(n, device=x.device)[None, :] > rows[:, None]  # (B, n) keys after the pooled one
         if ckpt:
             x = checkpoint(pooled_block, last, padded, rows, after, use_reentrant=False)

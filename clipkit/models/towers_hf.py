@@ -78,7 +78,7 @@ def _block_list_name(model: nn.Module) -> str:
 def _checkpointing(model: nn.Module) -> bool:
     """Whether Hugging Face's gradient checkpointing is on (its attribute's newer name first)."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if name in dir(type(model)):
+        if hasattr(type(model), name):  # on the class: the property is not called (nor warns)
             return bool(getattr(model, name))
     return False
 

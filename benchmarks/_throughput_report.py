@@ -132,6 +132,19 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+# A tail loss this close to ln(batch) is chance level: the towers' outputs have collapsed.
+PLATEAU_TOL = 0.002
+
+
+def on_plateau(r: Result) -> bool:
+    """Whether a run's tail loss sits at chance level, ln(batch size): from scratch at a high
+    learning rate, a run either collapses there in its first steps or leaves it, seed by seed."""
+    if len(r.curve) < 2:
+        return False
+    batch = r.curve[1][0] - r.curve[0][0]
+    return batch > 1 and abs(r.tail_loss() - math.log(batch)) <= PLATEAU_TOL
+
+
 def verdicts(results: list[Result], targets: _record.Targets) -> list[str]:
     """Per setup both tools finished: clipkit / OpenCLIP e2e samples/s (mean over seeds) >= TARGETS,
     and, for setups that train from scratch (both tools train every parameter the same way), equal
@@ -179,6 +192,10 @@ def verdicts(results: list[Result], targets: _record.Targets) -> list[str]:
                 z <= LOSS_Z_MAX,
                 f"{losses}, z {fmt(z)}",
             )
+        )
+        lines.append(
+            f"{setup}: seeds whose tail loss is at chance level, ln(batch) +- {PLATEAU_TOL:g}: "
+            f"clipkit {sum(map(on_plateau, ck))} of {len(ck)}, OpenCLIP {sum(map(on_plateau, oc))} of {len(oc)}"
         )
     return lines
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import subprocess
 import sys
 import time
@@ -302,14 +303,22 @@ def test_train_throughput_checks_equal_loss_over_seeds():
         run("clipkit", s, 3.1 + 0.02 * s) for s in range(3)
     ]
     targets = Targets()
-    _, loss = verdicts(far, targets)
+    _, loss, plateau = verdicts(far, targets)
     assert "NOT met" in loss and targets.exit_code() == 1
+    assert plateau.endswith("clipkit 0 of 3, OpenCLIP 0 of 3")
     near = [run("openclip", s, 2.8 + 0.02 * s) for s in range(3)] + [
         run("clipkit", s, 2.81 + 0.02 * s) for s in range(3)
     ]
     targets = Targets()
-    _, loss = verdicts(near, targets)
+    _, loss, _ = verdicts(near, targets)
     assert "z 0.61" in loss and targets.exit_code() == 0
+    # chance level for a batch of 64 is ln 64 = 4.1589: one clipkit seed and two OpenCLIP seeds
+    # sit there (the tail within 0.002), the others left it
+    ln64 = math.log(64)
+    mixed = [run("openclip", 0, ln64), run("openclip", 1, ln64 + 0.0015), run("openclip", 2, ln64 - 0.01)]
+    mixed += [run("clipkit", 0, ln64 - 0.0015), run("clipkit", 1, 4.10), run("clipkit", 2, ln64 + 0.003)]
+    _, _, plateau = verdicts(mixed, Targets())
+    assert plateau.endswith("clipkit 1 of 3, OpenCLIP 2 of 3")
 
 
 def test_flattened_bench_shards_decode_alike_in_both_tools(tmp_path):

@@ -118,3 +118,39 @@ def test_training_steps_equal_open_clip_train_from_the_same_weights(tmp_path):
     # clipkit's text ran on each caption's real tokens (packed), not on the full context
     real = [int((b["text"].argmax(-1) + 1).sum()) for b in batches]
     assert [t for t, _ in packed] == real and max(real) < len(batches[0]["text"]) * CONTEXT
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_seed_builds_the_initial_weights_open_clip_train_builds(seed):
+    """From scratch, a seed gives both tools the same starting point: clipkit seeds with
+    ``seed_everything`` before ``build_model`` (as ``clipkit train`` does), open_clip_train with
+    its ``random_seed(seed, rank)`` before ``create_model_and_transforms``. A from-scratch
+    benchmark then differs only in its batches (data order, crops)."""
+    import open_clip
+    from open_clip_train.main import random_seed
+
+    from clipkit.training.loop import seed_everything
+
+    overrides = [
+        f"model.vision.name=open_clip:{ARCH}", f"model.text.name=open_clip:{ARCH}",
+        "model.vision.weights=", "model.text.weights=", "model.vision.locked=false",
+        "model.text.locked=false", f"model.vision.image_size={SIZE}",
+        f"model.text.context_length={CONTEXT}", f"model.embed_dim={DIM}", "model.projection=none",
+    ]  # fmt: skip
+    cfg = load_config(None, overrides)
+    seed_everything(seed, deterministic=False)
+    ck = build_model(cfg.model)
+    random_seed(seed, 0)
+    oc, _, _ = open_clip.create_model_and_transforms(
+        ARCH, None, precision="fp32", device="cpu", force_image_size=SIZE, force_context_length=CONTEXT,
+        output_dict=True,
+    )  # fmt: skip
+    pairs = [("visual." + n, p) for n, p in ck.vision.model.named_parameters()]
+    pairs += list(ck.text.model.named_parameters()) + [("logit_scale", ck.logit_scale)]
+    assert {n for n, _ in pairs} == {n for n, _ in oc.named_parameters()}
+    for name, got in pairs:
+        assert torch.equal(got, oc.get_parameter(name)), name
+    # another seed starts elsewhere: the check can tell seeds apart
+    random_seed(seed + 1, 0)
+    other = open_clip.create_model(ARCH, force_image_size=SIZE, force_context_length=CONTEXT)
+    assert not torch.equal(ck.vision.model.conv1.weight, other.visual.conv1.weight)

@@ -203,5 +203,5 @@ def verdicts(results: list[Result], targets: _record.Targets) -> list[str]:
 def save(text: str, argv: list[str], record: bool) -> None:
     """Print where the report went; with ``record`` it is appended to RESULTS.md too."""
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
-    section = f"## {stamp}\n\n```\n{_record.command_line('train_throughput.py', argv)}\n```\n\n{text}\n"
+    section = "\n".join([*_record.heading(stamp, "train_throughput.py", argv), text]) + "\n"
     _record.save_report("train_throughput", section, record)

@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lines, targets = measure(opts)
     report = "\n".join(
-        ["## Feature cache fill: before lanes vs now", "", "```", _record.command_line("cache_fill.py", argv), "```",
-         "", "```", *lines, "```", "", targets.summary(), ""]
+        [*_record.heading("Feature cache fill: before lanes vs now", "cache_fill.py", argv), "```", *lines, "```", "",
+         targets.summary(), ""]
     )  # fmt: skip
     print("\n" + report, flush=True)
     _record.save_report("cache_fill", report, opts.record)

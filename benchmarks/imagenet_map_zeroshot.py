@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             f"- {name}: " + ", ".join(f"{IMAGENET_CLASSNAMES[picked[i]]} {counts[i]}" for i in order)
         )
     lines += ["", f"{time.perf_counter() - t0:.0f} s; load average at end: {_record.load_average()}"]
-    report = "\n".join(["## ImageNet classifier as the image -> text map, zero-shot on Animal-MNIST", "", "```",
-                        _record.command_line("imagenet_map_zeroshot.py", argv), "```", "", *lines, ""])  # fmt: skip
+    title = "ImageNet classifier as the image -> text map, zero-shot on Animal-MNIST"
+    report = "\n".join([*_record.heading(title, "imagenet_map_zeroshot.py", argv), *lines, ""])
     print(report)
     _record.save_report("imagenet_map", report, record=opts.record)
     return 0

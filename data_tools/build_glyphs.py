@@ -90,8 +90,10 @@ def fetch_packages(dest: Path, sets: Iterable[str] = PACKAGES) -> dict[str, Path
                     f"{package}@{version} elsewhere and pass its folder with --packages"
                 )
             with tempfile.TemporaryDirectory(dir=dest) as tmp:
+                # npm runs in the temporary folder and packs into it: "." (a relative dest would be
+                # read by npm against that folder); errors only, so a failure says why
                 done = subprocess.run(
-                    [npm, "pack", f"{package}@{version}", "--pack-destination", tmp, "--silent"],
+                    [npm, "pack", f"{package}@{version}", "--pack-destination", ".", "--loglevel=error"],
                     check=False, capture_output=True, text=True, cwd=tmp,
                 )  # fmt: skip
                 packed = Path(tmp) / tarball_name(package, version)

@@ -162,10 +162,10 @@ def test_fetch_packs_each_missing_set_with_npm(tmp_path, monkeypatch):
     # the stand-in npm writes the tarball npm would name into --pack-destination, and logs its call
     fake_npm(
         tmp_path / "bin",
-        f"""import sys, io, json, tarfile
+        f"""import sys, io, json, os, tarfile
 args = sys.argv[1:]
 open({str(tmp_path / "calls")!r}, "a").write(" ".join(args) + "\\n")
-spec, dest = args[1], args[args.index("--pack-destination") + 1]
+spec, dest = args[1], os.path.join(os.getcwd(), args[args.index("--pack-destination") + 1])
 package, version = spec.rsplit("@", 1)
 data = json.dumps({{"icons": {{"x": {{"body": ""}}}}}}).encode()
 with tarfile.open(f"{{dest}}/{{package.lstrip('@').replace('/', '-')}}-{{version}}.tgz", "w:gz") as tar:
@@ -173,7 +173,10 @@ with tarfile.open(f"{{dest}}/{{package.lstrip('@').replace('/', '-')}}-{{version
 """,
     )
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    dest = tmp_path / "packages"
+    # a relative --out, as `clipkit data build glyphs --out data/glyphs` gives it: npm resolves
+    # --pack-destination against its own working directory, as real npm does
+    monkeypatch.chdir(tmp_path)
+    dest = Path("packages")
     dest.mkdir()
     kept = iconify_tarball(dest / build_glyphs.tarball_name(*build_glyphs.PACKAGES["game-icons"]), {})
     found = build_glyphs.fetch_packages(dest)

@@ -103,6 +103,10 @@ class TowerConfig:
     # train.cache_views=K > 1 augmented views are cached too).
     augment: bool = False
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    # Vision towers (timm): the last feature map average-pooled over a pool_grid x pool_grid grid
+    # and flattened, so the head sees where a part is (out_dim x pool_grid^2 features; a flag's
+    # stripes, a silhouette's legs); 1 = global average pooling, the backbone's own.
+    pool_grid: int = 1
 
 
 @dataclass(frozen=True)

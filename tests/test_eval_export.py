@@ -114,3 +114,10 @@ def test_mlp_projection_is_refused(tmp_path):
     run, _ = save_run(tmp_path, ["model.projection=mlp", "model.vision.image_size=64"])
     with pytest.raises(ExportError, match="projection 'mlp' has no open_clip equivalent"):
         export_open_clip(str(run), tmp_path / "out")
+
+
+def test_grid_pooling_is_refused(tmp_path):
+    run, _ = save_run(tmp_path, ["model.vision.pool_grid=2", "model.vision.image_size=64"])
+    with pytest.raises(ExportError, match="pool_grid=2 has no open_clip equivalent"):
+        export_open_clip(str(run), tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*"))  # refused before anything is written

@@ -33,6 +33,10 @@ TOWERS = {
         (1, 2),
     ),
     "hf-clip": (TowerConfig(name="hf-clip:clipkit-tiny-clip", image_size=32), (1, 2)),
+    "timm-effnet-lite0-grid2": (  # the head pools over a 2x2 grid (model.vision.pool_grid)
+        TowerConfig(name="timm:tf_efficientnet_lite0", weights="bundled", image_size=64, pool_grid=2),
+        (1,),
+    ),
 }
 
 

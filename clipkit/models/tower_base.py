@@ -64,6 +64,8 @@ class Tower(nn.Module):
 
     modality: str = "vision"
     deterministic_transform: bool = True
+    # Whether the tower pools its last feature map over a grid (TowerConfig.pool_grid > 1).
+    supports_pool_grid: bool = False
     # Small (modality, TowerConfig kwargs) examples: the parametrized tower tests build each.
     examples: tuple[tuple[str, dict[str, Any]], ...] = ()
 

@@ -38,6 +38,13 @@ def build_tower(cfg: TowerConfig, modality: str, shared: dict[str, Any] | None =
         raise ValueError(
             f"{modality} tower: unlocked_layers={cfg.unlocked_layers} only applies with locked=true"
         )
+    if cfg.pool_grid < 1:
+        raise ValueError(f"{modality} tower: pool_grid must be >= 1, got {cfg.pool_grid}")
+    if cfg.pool_grid != 1 and not getattr(TOWERS.get(prefix), "supports_pool_grid", False):
+        raise ValueError(
+            f"{modality} tower '{cfg.name}': pool_grid={cfg.pool_grid} pools a CNN's last feature map "
+            f"over a grid; only timm image towers have one. Leave pool_grid at 1 for this tower"
+        )
     tower = TOWERS.build(prefix, arch=arch, cfg=cfg, modality=modality, shared=shared)
     if cfg.locked:
         tower.lock(cfg.unlocked_layers)

@@ -67,7 +67,11 @@ def copy_in_order(model: torch.nn.Module, src: dict[str, Tensor], skip_prefixes:
 
 @TOWERS.register("timm")
 class TimmTower(Tower):
-    """Image tower ``timm:<arch>``; ``forward`` returns the pooled pre-logits features (B, C)."""
+    """Image tower ``timm:<arch>``; ``forward`` returns the pooled pre-logits features (B, C), or
+    with ``pool_grid=g`` > 1 the last feature map average-pooled over a g x g grid, flattened
+    channel-major (B, C * g * g)."""
+
+    supports_pool_grid = True
 
     examples = (
         ("vision", {"name": "timm:tf_efficientnet_lite0", "weights": "bundled", "image_size": 64}),
@@ -82,7 +86,8 @@ class TimmTower(Tower):
         super().__init__(f"timm:{arch}", modality)
         # drop_rate=0: the dropout timm applies before its classifier has no place here.
         self.model = timm.create_model(arch, pretrained=False, num_classes=0, drop_rate=0.0)
-        self.out_dim = int(self.model.num_features)
+        self.pool_grid = cfg.pool_grid
+        self.out_dim = int(self.model.num_features) * cfg.pool_grid**2
         self._load_weights(arch, cfg.weights)
         mean, std = self.model.pretrained_cfg["mean"], self.model.pretrained_cfg["std"]
         if cfg.weights == "bundled":
@@ -96,6 +101,8 @@ class TimmTower(Tower):
         self.deterministic_transform = not cfg.augment
         self.augmentation = cfg.augmentation
         self._fingerprint_extra = f"size={cfg.image_size}|mean={self.mean}|std={self.std}|bicubic"
+        if cfg.pool_grid != 1:  # global pooling keeps the fingerprint (and the caches) it always had
+            self._fingerprint_extra += f"|pool_grid={cfg.pool_grid}"
 
     def _load_weights(self, arch: str, weights: str) -> None:
         if weights == "":
@@ -122,7 +129,9 @@ class TimmTower(Tower):
                 )
 
     def forward(self, image: Tensor) -> Tensor:
-        return self.model(image)  # (B, C, H, W) -> (B, out_dim)
+        if self.pool_grid == 1:
+            return self.model(image)  # (B, C, H, W) -> (B, out_dim)
+        return grid_pool(self.model.forward_features(image), self.pool_grid)
 
     def transform(self, train: bool) -> Any:
         augment = train and self.augment
@@ -132,7 +141,7 @@ class TimmTower(Tower):
         set_timm_grad_checkpointing(self.model, self.spec, self.modality, enable)
 
     def split_at(self, unlocked_layers: int) -> TowerSplit:
-        return split_steps(self, timm_steps(self.model, self.spec), unlocked_layers)
+        return split_steps(self, timm_steps(self.model, self.spec, self.pool_grid), unlocked_layers)
 
     def param_groups(self) -> list[list[str]]:
         # EfficientNet: stem (conv_stem+bn1), each block blocks.i.j, head (conv_head+bn2).
@@ -143,22 +152,32 @@ class TimmTower(Tower):
         return group_names(names, lambda n: order.index(n.split(".")[0]))
 
 
-def _head(model: torch.nn.Module) -> Step:
+def grid_pool(features: Tensor, grid: int) -> Tensor:
+    """(B, C, H, W) -> (B, C * grid * grid): the mean over each cell of a grid x grid split of the
+    map (cells overlap by a row / column where H or W is not a multiple of grid, as
+    ``adaptive_avg_pool2d`` splits them), channel-major."""
+    return torch.nn.functional.adaptive_avg_pool2d(features, grid).flatten(1)
+
+
+def _head(model: torch.nn.Module, pool_grid: int) -> Step:
+    if pool_grid != 1:
+        return (None, lambda x: grid_pool(x, pool_grid))
     return (None, lambda x: model.forward_head(x))  # global pool (+ flatten); classifier removed
 
 
-def timm_steps(model: torch.nn.Module, spec: str) -> list[Step]:
+def timm_steps(model: torch.nn.Module, spec: str, pool_grid: int = 1) -> list[Step]:
     """A timm backbone's ``forward`` as steps, block by block (``split_steps``): EfficientNet (and
-    its Lite variants) and ResNet, whose ``forward_features`` is a plain chain of these modules."""
+    its Lite variants) and ResNet, whose ``forward_features`` is a plain chain of these modules;
+    the last step pools (over a ``pool_grid`` grid when > 1)."""
     kind = type(model).__name__
     if kind == "EfficientNet":  # conv_stem, bn1 (+act), blocks[i][j], conv_head, bn2 (+act)
         blocks = [b for stage in model.blocks for b in stage]
         chain = (model.conv_stem, model.bn1, *blocks, model.conv_head, model.bn2)
-        return [*((m, m) for m in chain), _head(model)]
+        return [*((m, m) for m in chain), _head(model, pool_grid)]
     if kind == "ResNet":  # conv1, bn1, act1, maxpool, layer<i>[j]
         blocks = [b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage]
         chain = (model.conv1, model.bn1, model.act1, model.maxpool, *blocks)
-        return [*((m, m) for m in chain), _head(model)]
+        return [*((m, m) for m in chain), _head(model, pool_grid)]
     raise NoSplit(
         f"{spec} ({kind}): clipkit splits the forward of timm EfficientNet and ResNet backbones only"
     )

@@ -499,3 +499,15 @@ def test_text_packing_turns_packing_off_for_every_text_tower_and_restores_it():
             hf(hf.tokenize(captions)), oc(oc.tokenize(captions))
         hf(hf.tokenize(captions)), oc(oc.tokenize(captions))
     assert seen == ["hf", "oc"] and text_padding.packs(torch.device("cpu"))
+
+
+def test_transfer_ceiling_labels_a_caption_by_the_one_class_it_names():
+    class_of = load(BENCH / "transfer_ceiling.py").class_of
+    classes = ["bear", "bird", "cat", "cow", "dog", "sheep"]
+    assert class_of("cow face", classes) == 3
+    assert class_of("a drawing of a Ewe.", classes) == 5  # a synonym, any case
+    assert class_of("Polar bear: animal, arctic", classes) == 0
+    assert class_of("bulldog", classes) is None  # whole words only
+    assert class_of("cat and dog", classes) is None  # two classes: no label
+    assert class_of("ram and sheep", classes) == 5  # two words, one class
+    assert class_of("grinning face", classes) is None

@@ -125,6 +125,11 @@ def heading(title: str, script: str, argv: list[str] | None) -> list[str]:
     return [f"## {title}", "", "```", command_line(script, args), "```", ""]
 
 
+def heading_text(title: str, script: str, argv: list[str] | None) -> str:
+    """``heading`` as one string, ending in a blank line: the text that follows is the section's."""
+    return "\n".join(heading(title, script, argv)) + "\n"
+
+
 def load_average() -> str:
     """``os.getloadavg()`` as "1 min, 5 min, 15 min"; a benchmark prints it at its start and end."""
     try:

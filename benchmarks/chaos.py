@@ -310,10 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(1, 5, 15 min) {load_start} at the start, {load_end} at the end"
     )
     stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
-    section = (
-        f"## Chaos: SIGKILL and resume ({stamp})\n\n```\n{_record.command_line('chaos.py', argv)}\n```\n\n"
-        f"machine: {machine}\n\n{text}"
-    )
+    section = _record.heading_text(f"Chaos: SIGKILL and resume ({stamp})", "chaos.py", argv)
+    section += f"machine: {machine}\n\n{text}"
     _record.save_report("chaos", section, args.record)
     return targets.exit_code()
 

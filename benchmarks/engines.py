@@ -321,16 +321,14 @@ def section(text: str, argv: list[str], args: argparse.Namespace, loads: list[st
     import ray
     import torch
 
-    return f"""## Engines: local against Ray {dt.datetime.now().isoformat(timespec="seconds")}
-
-```
-{_record.command_line("engines.py", argv)}
-```
-
-machine: {os.cpu_count()} cpus, load average (1, 5, 15 min) {loads[0]} at the start, {loads[1]} at the end; ray {ray.__version__}, torch {torch.__version__}, python {platform.python_version()}
+    title = f"Engines: local against Ray {dt.datetime.now().isoformat(timespec='seconds')}"
+    return (
+        _record.heading_text(title, "engines.py", argv)
+        + f"""machine: {os.cpu_count()} cpus, load average (1, 5, 15 min) {loads[0]} at the start, {loads[1]} at the end; ray {ray.__version__}, torch {torch.__version__}, python {platform.python_version()}
 work: {args.images} JPEGs {args.image_size} over local HTTP -> `data build` (max side {args.max_side}, {args.shard_size} per shard, {args.threads} download threads per process) -> `index embed` ({Path(args.model).name}, batch {args.batch_size}, float32); each worker count W pinned to W cores, Ray cluster of W CPUs
 
 {text}"""
+    )
 
 
 if __name__ == "__main__":

@@ -360,8 +360,8 @@ def time_table(times: dict) -> tuple[list[str], float]:
 
 def summarize(args, argv: list[str], seen: dict, setting: tuple, targets: _record.Targets) -> str:
     data, weights, loads = setting
-    lines = [f"## {datetime.now().isoformat(timespec='seconds')}: clipkit eval vs CLIP_benchmark 1.6.2\n"]
-    lines += ["```", _record.command_line("eval_parity.py", argv), "```", ""]
+    title = f"{datetime.now().isoformat(timespec='seconds')}: clipkit eval vs CLIP_benchmark 1.6.2"
+    lines = _record.heading(title, "eval_parity.py", argv)
     lines.append(machine_line(args, seen, weights, loads))
     table, ratio = time_table(seen["times"])
     lines += table

@@ -115,11 +115,9 @@ def report(
     speedup = median["cache on, warm"] / median["cache off"]
     off_wall = statistics.median(r["wall_s"] for r in rows if r["run"] == "cache off")
     cold = next(r for r in rows if r["run"] == "cache on, cold")
+    title = f"Feature cache on vs off, demo recipe ({time.strftime('%Y-%m-%d %H:%M')})"
     lines = [
-        f"## Feature cache on vs off, demo recipe ({time.strftime('%Y-%m-%d %H:%M')})\n",
-        "```",
-        _record.command_line("feature_cache_speedup.py", argv),
-        "```\n",
+        *_record.heading(title, "feature_cache_speedup.py", argv),
         (f"`{rel(LIT_RECIPE)}` on {n_shards} emoji shards, {args.steps} steps of "
         f"{args.batch_size}, {args.threads} torch threads, {args.workers} loader workers; steady = per-step "
         f"times after the first {args.skip_steps} steps; load average (1, 5, 15 min) {loads[0]} at the start, "

@@ -517,9 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     built = (
         "a cached autofaiss build (--cached-autofaiss)" if args.cached_autofaiss else "both built in this run"
     )
-    header = (
-        f"## index_vs_autofaiss, {time.strftime('%Y-%m-%d %H:%M')}\n\n```\n"
-        f"{_record.command_line('index_vs_autofaiss.py', argv)}\n```\n\nfaiss {faiss.__version__}, "
+    title = f"index_vs_autofaiss, {time.strftime('%Y-%m-%d %H:%M')}"
+    header = _record.heading_text(title, "index_vs_autofaiss.py", argv) + (
+        f"faiss {faiss.__version__}, "
         f"{args.threads} FAISS threads on both sides, {os.cpu_count()} cores, load average (1, 5, 15 min) "
         f"{load0} at the start, {load1} at the end; {built}. autofaiss 2.18.0 with the OPQ patch of "
         "setup_autofaiss_env.sh, default settings but the memory budget.\n"

@@ -247,17 +247,15 @@ def main(argv: list[str] | None = None) -> int:
 def section(text: str, argv: list[str], args: argparse.Namespace, loads: tuple[str, str]) -> str:
     import torch
 
-    return f"""## Loader throughput {dt.datetime.now().isoformat(timespec="seconds")}
-
-```
-{_record.command_line("loader_throughput.py", argv)}
-```
-
-machine: {os.cpu_count()} cpus, load average (1, 5, 15 min) {loads[0]} at the start, {loads[1]} at the end; torch {torch.__version__}, python {platform.python_version()}
+    title = f"Loader throughput {dt.datetime.now().isoformat(timespec='seconds')}"
+    return (
+        _record.heading_text(title, "loader_throughput.py", argv)
+        + f"""machine: {os.cpu_count()} cpus, load average (1, 5, 15 min) {loads[0]} at the start, {loads[1]} at the end; torch {torch.__version__}, python {platform.python_version()}
 work: {args.samples} JPEGs (longest side 400-1000 px) in {args.shards} shards -> RandomResizedCrop(224, scale 0.9-1, bicubic) + Normalize, open_clip ViT-B-32 tokenizer, batch {args.batch_size}, train mode; OMP/MKL/torch threads 1, workers one thread each; median of {args.repeats} runs each, tools alternating
 ratio = clipkit / OpenCLIP (`open_clip_train.data.get_wds_dataset`, open_clip_torch 3.3.0, webdataset 0.2.86)
 
 {text}"""
+    )
 
 
 if __name__ == "__main__":

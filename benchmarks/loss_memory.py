@@ -359,9 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     load_end = _record.load_average()
     print(f"load average at the end (1, 5, 15 min): {load_end}", flush=True)
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    section = (
-        f"## Loss memory: tiled clipkit losses vs open_clip ({stamp})\n\n"
-        f"```\n{_record.command_line('loss_memory.py', argv)}\n```\n\nD = {opts.dim}, float32, forward + "
+    section = _record.heading_text(
+        f"Loss memory: tiled clipkit losses vs open_clip ({stamp})", "loss_memory.py", argv
+    ) + (
+        f"D = {opts.dim}, float32, forward + "
         f"backward, {opts.threads} threads, CPU, load average (1, 5, 15 min) {load_start} at the start, "
         f"{load_end} at the end; timed sizes: best of {opts.iters} iterations per run, {opts.rounds} "
         f"interleaved runs.\n\n{text}\n"

@@ -205,18 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     targets = _record.Targets()
     rows = run_stages(args, work, targets)
     load_end = _record.load_average()
-    text = f"""## Per-core throughput of the bulk stages {dt.datetime.now().isoformat(timespec="seconds")}
-
-```
-{_record.command_line("scale_throughput.py", argv)}
-```
-
-machine: {os.cpu_count()} cpus, load average (1, 5, 15 min) {load_start} at the start, {load_end} at the end
+    title = f"Per-core throughput of the bulk stages {dt.datetime.now().isoformat(timespec='seconds')}"
+    text = (
+        _record.heading_text(title, "scale_throughput.py", argv)
+        + f"""machine: {os.cpu_count()} cpus, load average (1, 5, 15 min) {load_start} at the start, {load_end} at the end
 
 {table(rows)}
 
 Verdict: {targets.summary()}.
 """
+    )
     print(text, flush=True)
     _record.save_report("scale_throughput", text, args.record)
     return targets.exit_code()

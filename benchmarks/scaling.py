@@ -282,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     text += f"\n\nload average (1, 5, 15 min): {load_start} at the start, {_record.load_average()} at the end"
     print("\n" + text, flush=True)
     stamp = datetime.now().isoformat(timespec="seconds")
-    command = _record.command_line("scaling.py", argv)
-    section = f"## Scaling: 1 and 2 processes ({stamp})\n\n```\n{command}\n```\n\n{text}\n"
+    section = _record.heading_text(f"Scaling: 1 and 2 processes ({stamp})", "scaling.py", argv) + f"{text}\n"
     _record.save_report("scaling", section, args.record)
     return 0 if ok else 1
 

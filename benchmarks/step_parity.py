@@ -197,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(targets.check(f"largest loss difference over the steps <= {TARGET:g}", ok, f"{worst:.2e}"))
     lines.append(f"load average at end: {_record.load_average()}")
     report = "\n".join(
-        [f"## Training step: clipkit against open_clip_train, same weights and batches ({a})", "", "```",
-         _record.command_line("step_parity.py", argv), "```", "", "```", *lines, "```", "", targets.summary(), ""]
+        [*_record.heading(f"Training step: clipkit against open_clip_train, same weights and batches ({a})",
+                          "step_parity.py", argv),
+         "```", *lines, "```", "", targets.summary(), ""]
     )  # fmt: skip
     print("\n" + report, flush=True)
     _record.save_report("step_parity", report, opts.record)

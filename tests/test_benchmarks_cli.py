@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 import time
@@ -511,3 +512,12 @@ def test_transfer_ceiling_labels_a_caption_by_the_one_class_it_names():
     assert class_of("cat and dog", classes) is None  # two classes: no label
     assert class_of("ram and sheep", classes) == 5  # two words, one class
     assert class_of("grinning face", classes) is None
+
+
+def test_every_recorded_section_starts_with_the_shared_heading():
+    # _record.heading is the one place a report's "## title" line and command block are written
+    rec = load(BENCH / "_record.py")
+    text = rec.heading_text("T", "x.py", ["--a", "1"])
+    assert text == "## T\n\n```\n" + rec.command_line("x.py", ["--a", "1"]) + "\n```\n\n"
+    inline = [p.name for p in SCRIPTS if re.search(r"""["']## """, p.read_text())]
+    assert inline == []  # a section heading written by hand

@@ -271,7 +271,22 @@ def test_hand_written_markdown_is_never_overwritten(resumed: Path, setup: Path) 
     run_sweep(sweep, Options(run=False, summary_out=generated))  # a new file, then its own rewrite
     run_sweep(sweep, Options(run=False, summary_out=generated))
     assert _cells(generated.read_text()) == _cells((resumed / "summary.md").read_text())
-    assert "](../runs/sweeps/sweep/summary.png)" in generated.read_text()
+    # the plot lies beside the summary, linked by name, and is the sweep's own
+    assert "](recipes.png)" in generated.read_text()
+    assert (setup / "benchmarks" / "recipes.png").read_bytes() == (resumed / "summary.png").read_bytes()
+
+
+def test_the_summary_plot_never_replaces_a_file_of_another(resumed: Path, setup: Path) -> None:
+    sweep = load_sweep(setup / "sweep.yaml", output=str(resumed))
+    (setup / "figures").mkdir()
+    foreign = setup / "figures" / "results.png"
+    foreign.write_bytes(b"a figure of someone else's")
+    with pytest.raises(SweepError, match=r"results\.png exists and belongs to no summary"):
+        run_sweep(sweep, Options(run=False, summary_out=setup / "figures" / "results.md"))
+    assert foreign.read_bytes() == b"a figure of someone else's"
+    assert not (setup / "figures" / "results.md").exists()
+    with pytest.raises(SweepError, match="name a .md file"):
+        run_sweep(sweep, Options(run=False, summary_out=setup / "figures" / "plot.png"))
 
 
 def test_a_second_sweep_in_the_same_folder_writes_reports_of_its_own(resumed: Path, setup: Path) -> None:

@@ -39,7 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--report-only", action="store_true", help="rewrite the reports from finished runs; run nothing"
     )
-    p.add_argument("--summary-out", type=Path, metavar="PATH", help="also write the markdown summary to PATH")
+    p.add_argument(
+        "--summary-out",
+        type=Path,
+        metavar="PATH",
+        help="also write the markdown summary to PATH, its plot beside it (PATH with .png)",
+    )
     p.set_defaults(run=run)
 
 

@@ -8,6 +8,9 @@ Files (in the sweep's output folder; each rewritten whole, atomically):
     summary.md                     the table of chosen metrics, the variants, failed runs
     summary.png                    per metric, the mean of each variant with ± std bars
 
+``--summary-out PATH`` also writes the summary to PATH and its plot to PATH with the suffix
+.png, linked by name, so a summary kept in a repository carries its plot.
+
 For a variant v and the baseline b, over the seeds that finished (n of them, sample standard
 deviation s with n - 1 in the denominator)::
 
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,20 @@ def check_markdown_target(path: Path) -> None:
                 f"{path} exists and was not written by clipkit sweep (no '{MARKER} ...' first line); "
                 "it is never overwritten: choose another path, or move it away"
             )
+
+
+def summary_png(summary_out: Path) -> Path:
+    """Where ``--summary-out PATH`` puts the plot: PATH with the suffix .png. Refused when that
+    file exists while PATH does not (a plot of the same name that is not this summary's)."""
+    png = summary_out.with_suffix(".png")
+    if png == summary_out:
+        raise SweepError(f"--summary-out {summary_out}: the summary is markdown; name a .md file")
+    if png.exists() and not summary_out.exists():
+        raise SweepError(
+            f"{png} exists and belongs to no summary at {summary_out}; the plot of --summary-out goes "
+            "there and never replaces another file: choose another path, or move it away"
+        )
+    return png
 
 
 def results_frame(sweep: Sweep, runs: list[Run]) -> Any:
@@ -259,6 +275,7 @@ def write_reports(
     for md in (files["summary.md"], summary_out):
         if md is not None:
             check_markdown_target(Path(md))
+    png_out = summary_png(Path(summary_out)) if summary_out is not None else None
     results = results_frame(sweep, runs)
     atomic_write_text(files["results.csv"], results.to_csv(index=False))
     buf = io.BytesIO()
@@ -269,8 +286,11 @@ def write_reports(
     plot(summary, sweep, metrics, files["summary.png"])
     text = summary_markdown(sweep, results, summary, metrics, files["summary.png"].name)
     atomic_write_text(files["summary.md"], text)
-    if summary_out is not None:
-        png = os.path.relpath(files["summary.png"].resolve(), Path(summary_out).resolve().parent)
-        text = summary_markdown(sweep, results, summary, metrics, Path(png).as_posix())
+    if png_out is not None:
+        # the plot goes beside the summary (PATH with .png), so a summary kept in a repository
+        # carries its plot rather than a link into the (ignored) sweep folder. The summary first:
+        # a kill between the two leaves a summary without its plot, which the next run completes
+        # (a plot alone would read as someone else's file)
         Path(summary_out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(summary_out, text)
+        atomic_write_text(summary_out, summary_markdown(sweep, results, summary, metrics, png_out.name))
+        atomic_write_bytes(png_out, files["summary.png"].read_bytes())

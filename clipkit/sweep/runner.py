@@ -298,7 +298,7 @@ def describe(sweep: Sweep, states: list[tuple[Run, str]], threads: int | None, o
 def run_sweep(sweep: Sweep, opts: Options, log: Callable[[str], None] = print) -> int:
     """Validate every run, then run what is not done and write the reports; returns the number
     of failed runs (0 = all finished)."""
-    from clipkit.sweep.report import check_markdown_target, report_files, write_reports
+    from clipkit.sweep.report import check_markdown_target, report_files, summary_png, write_reports
 
     threads = threads_per_run(opts.parallel, opts.threads, usable_cores())
     runs = plan_runs(sweep, threads)  # every config loaded before anything runs
@@ -311,6 +311,8 @@ def run_sweep(sweep: Sweep, opts: Options, log: Callable[[str], None] = print) -
     for md in (report_files(sweep)["summary.md"], opts.summary_out):
         if md is not None:
             check_markdown_target(Path(md))  # before hours of training, not after
+    if opts.summary_out is not None:
+        summary_png(Path(opts.summary_out))
 
     def report() -> None:
         write_reports(sweep, runs, metrics, opts.summary_out)

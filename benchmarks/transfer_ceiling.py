@@ -14,7 +14,7 @@ of a suite (default ``eval/transfer.yaml``):
    the recipe may train, stay frozen here), the features of every image and of every caption under
    every caption template computed once, then only the two linear heads and the temperature train:
    the recipe's sources and weights (resampled), templates, batch size, lr, weight decay, warmup
-   and cosine schedule, and the CLIP loss. Each suite set is scored as the suite scores it
+   and cosine schedule (``build_scheduler``), its projections and its loss (``build_loss``). Each suite set is scored as the suite scores it
    (zero-shot top-1 with the set's prompts, text -> image recall@5). A variant costs seconds, so
    it scans image-feature pooling (``--pool-grids``, ``model.vision.pool_grid``) and budgets
    (``--budgets``, multiples of ``train.samples``) over ``--seeds`` seeds, where a real run costs
@@ -31,7 +31,6 @@ No target: it prints both tables. Its report goes to runs/bench/transfer_ceiling
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -92,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     from clipkit.evaluation.metrics import retrieval_metrics, zeroshot_metrics
     from clipkit.evaluation.suite import load_suite
     from clipkit.evaluation.zeroshot import class_prompts
+    from clipkit.losses import build_loss
+    from clipkit.models.projection import build_projection
     from clipkit.models.towers import build_tower
-    from clipkit.models.towers_timm import grid_pool
+    from clipkit.models.towers_timm import pool_features
+    from clipkit.training.schedule import build_scheduler
 
     torch.set_num_threads(opts.threads or os.cpu_count() or 1)
     lines = [f"load average at start: {_record.load_average()}"]
@@ -101,16 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(ROOT / opts.recipe if not Path(opts.recipe).exists() else opts.recipe)
     suite = load_suite(ROOT / opts.suite if not Path(opts.suite).exists() else opts.suite)
 
-    vision = cfg.model.vision
-    towers = {
-        g: build_tower(type(vision)(**{**vision.__dict__, "locked": True, "unlocked_layers": 0, "pool_grid": g}),
-                       "vision").eval()
-        for g in opts.pool_grids
-    }  # fmt: skip
+    vision = cfg.model.vision  # one tower: every pooling is read off its last feature map
+    tower = build_tower(type(vision)(**{**vision.__dict__, "locked": True, "unlocked_layers": 0}), "vision")
+    tower.eval()
     text_cfg = cfg.model.text
     text = build_tower(type(text_cfg)(**{**text_cfg.__dict__, "locked": True, "unlocked_layers": 0}), "text")
     text.eval()
-    transform = next(iter(towers.values())).transform(False)  # pooling does not change the transform
+    transform = tower.transform(False)
 
     def read(ds, limit: int | None) -> list[dict]:
         items = list(ds)
@@ -119,19 +118,19 @@ def main(argv: list[str] | None = None) -> int:
             items = [items[i] for i in sorted(keep)]
         return items
 
-    backbone = next(iter(towers.values())).model
+    backbone = tower.model
 
     def image_features(items: list[dict]) -> dict[int, torch.Tensor]:
         """{pool_grid: (N, out_dim)}: one backbone pass, each pooling from its last map (as the
         tower's forward pools it; tests/test_pool_grid.py)."""
-        out: dict[int, list[torch.Tensor]] = {g: [] for g in towers}
+        out: dict[int, list[torch.Tensor]] = {g: [] for g in opts.pool_grids}
         with torch.inference_mode():
             for i in range(0, len(items), 128):
                 fmap = backbone.forward_features(
                     torch.stack([transform(s["image"]) for s in items[i : i + 128]])
                 )
-                for g in towers:
-                    out[g].append(backbone.forward_head(fmap) if g == 1 else grid_pool(fmap, g))
+                for g in opts.pool_grids:
+                    out[g].append(pool_features(backbone, fmap, g))
         return {g: torch.cat(v) for g, v in out.items()}
 
     def text_features(texts: list[str]) -> torch.Tensor:
@@ -222,31 +221,29 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     # ------------------------------------------------------------------ 2. the heads-only proxy
+    loss_fn = build_loss(cfg.loss)
+
     def proxy(g: int, budget: float, seed: int) -> dict[str, float]:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        dim = cfg.model.embed_dim
-        w_img = torch.nn.Linear(towers[g].out_dim, dim, bias=False)
-        w_txt = torch.nn.Linear(text.out_dim, dim, bias=False)
-        scale = torch.nn.Parameter(torch.tensor(float(cfg.model.init_logit_scale)))
-        lr, wd, bs = cfg.optim.lr, cfg.optim.weight_decay, cfg.data.batch_size
+        # the model's heads, loss and warmup-cosine schedule, as the recipe builds them
+        m = cfg.model
+        w_img = build_projection(m.projection, train[0]["img"][g].shape[1], m.embed_dim, "vision")
+        w_txt = build_projection(m.projection, text.out_dim, m.embed_dim, "text")
+        scale = torch.nn.Parameter(torch.tensor(float(m.init_logit_scale)))
+        heads = [*w_img.parameters(), *w_txt.parameters()]
+        bs = cfg.data.batch_size
         opt = torch.optim.AdamW(
             [
-                {"params": [w_img.weight, w_txt.weight], "weight_decay": wd},
+                {"params": heads, "weight_decay": cfg.optim.weight_decay},
                 {"params": [scale], "weight_decay": 0.0},
             ],
-            lr=lr,
+            lr=cfg.optim.lr,
         )
         steps = max(1, round(cfg.train.samples * budget / bs))
+        schedule = build_scheduler(opt, cfg.optim, steps)
         probs = torch.tensor(weights, dtype=torch.float64) / sum(weights)
-        for step in range(steps):
-            warm = min(1.0, (step + 1) / max(1, cfg.optim.warmup_steps))
-            f = warm * (
-                cfg.optim.min_lr_ratio
-                + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * step / steps))
-            )
-            for group in opt.param_groups:
-                group["lr"] = lr * f
+        for _ in range(steps):
             which = torch.multinomial(probs, bs, replacement=True, generator=gen)
             xs, ts = [], []
             for k, src in enumerate(train):
@@ -255,14 +252,15 @@ def main(argv: list[str] | None = None) -> int:
                 tpl = torch.randint(len(templates), (n,), generator=gen)
                 xs.append(src["img"][g][idx])
                 ts.append(src["txt"][idx, tpl])
-            a = F.normalize(w_img(torch.cat(xs)), dim=-1)
-            b = F.normalize(w_txt(torch.cat(ts)), dim=-1)
-            logits = scale.exp().clamp(max=100) * a @ b.T
-            target = torch.arange(len(a))
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            emb = {
+                "image_emb": F.normalize(w_img(torch.cat(xs)), dim=-1),
+                "text_emb": F.normalize(w_txt(torch.cat(ts)), dim=-1),
+                "logit_scale": scale.clamp(max=m.max_logit_scale).exp(),
+            }
             opt.zero_grad()
-            loss.backward()
+            loss_fn(emb)["loss"].backward()
             opt.step()
+            schedule.step()
         out = {}
         with torch.no_grad():
             for name, (kind, feats, txt, target, _) in sets.items():

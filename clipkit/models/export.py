@@ -116,7 +116,7 @@ def _timm_hf_mapping(model: nn.Module, out: Path) -> tuple[dict, dict, dict[str,
     from clipkit.models.towers_hf import resolve_hf_dir
 
     vision, text, projection = model.vision, model.text, _projection(model)
-    if getattr(vision, "pool_grid", 1) != 1:
+    if vision.pool_grid != 1:
         raise ExportError(
             f"model.vision.pool_grid={vision.pool_grid} has no open_clip equivalent (open_clip's timm "
             "towers pool globally, by average or attention); only pool_grid=1 exports"

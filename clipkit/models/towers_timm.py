@@ -131,7 +131,7 @@ class TimmTower(Tower):
     def forward(self, image: Tensor) -> Tensor:
         if self.pool_grid == 1:
             return self.model(image)  # (B, C, H, W) -> (B, out_dim)
-        return grid_pool(self.model.forward_features(image), self.pool_grid)
+        return pool_features(self.model, self.model.forward_features(image), self.pool_grid)
 
     def transform(self, train: bool) -> Any:
         augment = train and self.augment
@@ -159,10 +159,14 @@ def grid_pool(features: Tensor, grid: int) -> Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(features, grid).flatten(1)
 
 
+def pool_features(model: torch.nn.Module, features: Tensor, pool_grid: int) -> Tensor:
+    """A timm tower's last step on its last feature map: timm's own head (global pool + flatten;
+    the classifier is removed) at ``pool_grid`` 1, else ``grid_pool``."""
+    return model.forward_head(features) if pool_grid == 1 else grid_pool(features, pool_grid)
+
+
 def _head(model: torch.nn.Module, pool_grid: int) -> Step:
-    if pool_grid != 1:
-        return (None, lambda x: grid_pool(x, pool_grid))
-    return (None, lambda x: model.forward_head(x))  # global pool (+ flatten); classifier removed
+    return (None, lambda x: pool_features(model, x, pool_grid))
 
 
 def timm_steps(model: torch.nn.Module, spec: str, pool_grid: int = 1) -> list[Step]:
